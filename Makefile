@@ -1,0 +1,39 @@
+# The two commands: `make demo` and `make test`. Both build .venv from requirements.lock first.
+SHELL := /bin/bash
+VENV := .venv
+STAMP := $(VENV)/.synced
+UV_VERSION := $(shell sed -n 's/^uv==//p' requirements.lock)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+# keep every tool from calling home
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: demo test lint ui lock clean
+
+$(STAMP): requirements.lock
+	@test -x $(VENV)/bin/python || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip sync --quiet --python $(VENV)/bin/python requirements.lock
+	@touch $@
+
+demo: $(STAMP)  ## run the whole Noisy Student pipeline on the built-in digits demo
+	dvc repro
+	@echo; cat reports/comparison.md; echo
+	@echo "Runs: make ui, then open http://127.0.0.1:5000 (experiment noisy-student)"
+
+test: $(STAMP)  ## the whole test suite, end-to-end runs included
+	python -m pytest -q
+
+lint: $(STAMP)
+	ruff check . && ruff format --check .
+
+ui: $(STAMP)  ## MLflow UI on 127.0.0.1:5000
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+lock:  ## re-resolve requirements.lock from pyproject.toml
+	$(VENV)/bin/uv pip compile --quiet pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+clean:  ## remove pipeline outputs and the tracking store (not the venv)
+	rm -rf data/prepared artifacts models pseudo_labels reports metrics.json mlflow.db mlruns

@@ -1,0 +1,122 @@
+"""Stage `augment`: albumentations policies from params, saved as artifacts, plus a preview grid.
+
+Two policies: ``teacher`` (light) and ``student`` (the noise that makes Noisy Student work).
+Training loads them back with ``load_policy``, so what ran is exactly what was versioned.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from tasks import cli
+from tasks.atomic import atomic_path
+from tasks.data import PREPARED_DIR, load_split
+from tasks.settings import PolicySettings, Settings
+
+log = logging.getLogger(__name__)
+AUGMENT_DIR = Path("artifacts/augment")
+POLICIES = ("teacher", "student")
+
+
+def build_policy(policy: PolicySettings, image_size: int, seed: int) -> A.Compose:
+    """The notes' per-image ops: crop, flip, rotate, brightness/contrast, affine, erasing."""
+    border = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0}
+    return A.Compose(
+        [
+            A.RandomResizedCrop(
+                size=(image_size, image_size),
+                scale=(policy.crop_scale_min, 1.0),
+                ratio=(0.8, 1.25),
+                p=policy.crop_p,
+            ),
+            A.HorizontalFlip(p=policy.hflip_p),
+            A.Rotate(limit=policy.rotate_limit, p=policy.rotate_p, **border),
+            A.Affine(
+                shear=(-policy.affine_shear, policy.affine_shear),
+                translate_percent=(-policy.affine_translate, policy.affine_translate),
+                p=policy.affine_p,
+                **border,
+            ),
+            A.RandomBrightnessContrast(
+                brightness_limit=policy.brightness,
+                contrast_limit=policy.contrast,
+                p=policy.brightness_contrast_p,
+            ),
+            A.CoarseDropout(
+                num_holes_range=(1, 1),
+                hole_height_range=(0.2, 0.4),
+                hole_width_range=(0.2, 0.4),
+                fill=0,
+                p=policy.erase_p,
+            ),
+        ],
+        seed=seed,
+    )
+
+
+def load_policy(name: str, seed: int, folder: Path = AUGMENT_DIR) -> A.Compose:
+    policy = A.load(folder / f"{name}.json")
+    policy.set_random_seed(seed)
+    return policy
+
+
+def preview_grid(images: np.ndarray, policies: dict[str, A.Compose], samples: int, path: Path):
+    """Rows: images. Columns: the original, then ``samples`` draws of each policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 1 + samples * len(policies)
+    fig, axes = plt.subplots(
+        len(images), cols, figsize=(cols * 1.1, len(images) * 1.1 + 0.4), squeeze=False
+    )
+    for r, image in enumerate(images):
+        row = [("original", image)]
+        for name, policy in policies.items():
+            row += [(name, policy(image=image)["image"]) for _ in range(samples)]
+        for c, (title, shown) in enumerate(row):
+            ax = axes[r, c]
+            ax.imshow(shown)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=7)
+    fig.suptitle("augmentation preview: original | teacher policy | student policy (noise)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def augment(settings: Settings, out: Path = AUGMENT_DIR, data_dir: Path = PREPARED_DIR) -> Path:
+    aug = settings.augment
+    size = settings.data.image_size
+    policies = {
+        name: build_policy(getattr(aug, name), size, settings.seed) for name in POLICIES
+    }
+    labeled = load_split("labeled", data_dir)
+    rng = np.random.default_rng(settings.seed)
+    pick = rng.choice(len(labeled), size=min(aug.preview_images, len(labeled)), replace=False)
+    with atomic_path(out) as staged:
+        staged.mkdir()
+        for name, policy in policies.items():
+            A.save(policy, staged / f"{name}.json")
+        preview_grid(np.asarray(labeled.images[np.sort(pick)]), policies, aug.preview_samples,
+                     staged / "preview.png")
+    log.info("augmentation policies and preview written to %s", out)
+    return out
+
+
+def main() -> None:
+    p = cli.parser(__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(AUGMENT_DIR))
+    cli.run(lambda args, settings: augment(settings, Path(args.out)), p.parse_args())
+
+
+if __name__ == "__main__":
+    main()

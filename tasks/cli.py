@@ -1,0 +1,31 @@
+"""Shared plumbing for the stage entry points that dvc.yaml calls."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from tasks.errors import PipelineError
+from tasks.settings import PARAMS_FILE, Settings, load_settings
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: params.yaml)")
+    return p
+
+
+def run(main: Callable[[argparse.Namespace, Settings], None], args: argparse.Namespace) -> None:
+    """Load settings, run one stage, and turn a PipelineError into one line and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        settings = load_settings(args.params)
+        main(args, settings)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,123 @@
+"""Prepared image splits on disk and the datasets/loaders that stream them.
+
+A split is ``<root>/<split>/images.npy`` (uint8, N x H x W x 3, memory-mapped so a pool of any
+size streams from disk) beside ``index.csv`` (one row per image).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tasks.errors import PipelineError
+
+PREPARED_DIR = Path("data/prepared")
+SPLITS = ("labeled", "val", "test", "unlabeled")
+UNKNOWN = -1
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # N x H x W x 3 uint8, usually a read-only memmap
+    ids: list[str]
+    labels: np.ndarray  # int64 class index per image, UNKNOWN where not labeled
+    true_labels: np.ndarray  # the pool's hidden truth where known (demo), else UNKNOWN
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def load_classes(root: Path = PREPARED_DIR) -> list[str]:
+    path = root / "classes.json"
+    if not path.exists():
+        raise PipelineError(f"{path}: not found; run the prepare stage first")
+    return json.loads(path.read_text())["classes"]
+
+
+def load_split(name: str, root: Path = PREPARED_DIR) -> Split:
+    folder = root / name
+    if not (folder / "images.npy").exists():
+        raise PipelineError(f"{folder}/images.npy: not found; run the prepare stage first")
+    index = pd.read_csv(folder / "index.csv", dtype={"id": str})
+    images = np.load(folder / "images.npy", mmap_mode="r")
+    return Split(
+        images=images,
+        ids=index["id"].tolist(),
+        labels=index["label"].to_numpy(np.int64),
+        true_labels=index["true_label"].to_numpy(np.int64),
+    )
+
+
+class ImageDataset(Dataset):
+    """Images (optionally augmented by an albumentations policy) with integer targets."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        targets: np.ndarray,
+        transform: Any | None = None,
+        indices: np.ndarray | None = None,
+    ) -> None:
+        self.images = images
+        self.targets = targets
+        self.transform = transform
+        self.indices = np.arange(len(images)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = int(self.indices[i])
+        image = np.asarray(self.images[j])
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        # uint8 CHW: a quarter of float32's bytes through the loader; normalized on the device
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return tensor, int(self.targets[j])
+
+
+def _reseed_worker(worker_id: int) -> None:
+    # albumentations' Compose keeps its own RNG, which every worker would otherwise copy as is.
+    info = torch.utils.data.get_worker_info()
+    seed = torch.initial_seed() % 2**32
+    for dataset in _datasets(info.dataset):
+        if dataset.transform is not None:
+            dataset.transform.set_random_seed(seed)
+
+
+def _datasets(dataset: Dataset) -> list[ImageDataset]:
+    if isinstance(dataset, ImageDataset):
+        return [dataset]
+    return [d for sub in getattr(dataset, "datasets", []) for d in _datasets(sub)]
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    num_workers: int,
+    pin_memory: bool,
+    seed: int,
+    drop_last: bool = False,
+) -> DataLoader:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_reseed_worker if num_workers > 0 else None,
+        generator=generator,
+        drop_last=drop_last,
+    )

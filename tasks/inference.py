@@ -1,0 +1,69 @@
+"""Batched inference shared by validation, pseudo-labeling and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from tasks.data import ImageDataset, make_loader
+from tasks.settings import RuntimeSettings
+
+
+def autocast(device: torch.device, runtime: RuntimeSettings):
+    # bf16 needs no loss scaling; on the CPU autocast would slow small models down, so GPU only
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=runtime.amp and device.type == "cuda"
+    )
+
+
+def eval_loader(images: np.ndarray, batch_size: int, runtime: RuntimeSettings, device) -> DataLoader:
+    dataset = ImageDataset(images, np.zeros(len(images), dtype=np.int64))
+    return make_loader(
+        dataset,
+        batch_size,
+        shuffle=False,
+        num_workers=runtime.num_workers,
+        pin_memory=device.type == "cuda",
+        seed=0,
+    )
+
+
+@torch.inference_mode()
+def iter_probabilities(
+    model: torch.nn.Module,
+    normalize: torch.nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    runtime: RuntimeSettings,
+) -> Iterator[torch.Tensor]:
+    """Softmax probabilities (float32, on the CPU) batch by batch, so a pool of any size streams."""
+    model.eval()
+    memory_format = device_memory_format(device, runtime)
+    for images, _ in loader:
+        x = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+        with autocast(device, runtime):
+            logits = model(x)
+        yield torch.softmax(logits.float(), dim=1).cpu()
+
+
+def accuracy(
+    model: torch.nn.Module,
+    normalize: torch.nn.Module,
+    loader: DataLoader,
+    labels: np.ndarray,
+    device: torch.device,
+    runtime: RuntimeSettings,
+) -> float:
+    predictions = torch.cat(
+        [p.argmax(1) for p in iter_probabilities(model, normalize, loader, device, runtime)]
+    )
+    return float((predictions.numpy() == labels).mean())
+
+
+def device_memory_format(device: torch.device, runtime: RuntimeSettings) -> torch.memory_format:
+    if runtime.channels_last and device.type == "cuda":
+        return torch.channels_last
+    return torch.contiguous_format

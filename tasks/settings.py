@@ -1,0 +1,223 @@
+"""Typed settings: params.yaml validated on load.
+
+Every field is required, so params.yaml is the one place a knob's value can come from: a key
+missing there is an error, not a silent default in code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.errors import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors (they are usually typos), and values are not coerced across types."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataSettings(Strict):
+    source: Literal["digits", "folders"]
+    image_size: Annotated[int, Field(ge=8, le=1024)]
+    labels_per_class: PositiveInt
+    test_fraction: Fraction
+    val_fraction: Fraction
+    labeled_dir: str | None
+    unlabeled_dir: str | None
+    test_dir: str | None
+    val_dir: str | None
+
+    @model_validator(mode="after")
+    def _folders_need_dirs(self) -> DataSettings:
+        if self.source == "folders":
+            for key in ("labeled_dir", "unlabeled_dir", "test_dir"):
+                if not getattr(self, key):
+                    raise ValueError(f"data.source is 'folders', so data.{key} must name a folder")
+        if self.source == "digits" and self.test_fraction + self.val_fraction >= 0.9:
+            raise ValueError("data.test_fraction + data.val_fraction must leave images to train on")
+        return self
+
+
+class PolicySettings(Strict):
+    """One albumentations policy; each probability is per image."""
+
+    rotate_limit: Annotated[float, Field(ge=0.0, le=180.0)]
+    rotate_p: Probability
+    hflip_p: Probability
+    crop_scale_min: Fraction
+    crop_p: Probability
+    brightness: Annotated[float, Field(ge=0.0, lt=1.0)]
+    contrast: Annotated[float, Field(ge=0.0, lt=1.0)]
+    brightness_contrast_p: Probability
+    affine_shear: Annotated[float, Field(ge=0.0, le=45.0)]
+    affine_translate: Annotated[float, Field(ge=0.0, le=0.5)]
+    affine_p: Probability
+    erase_p: Probability
+
+
+class AugmentSettings(Strict):
+    teacher: PolicySettings
+    student: PolicySettings
+    preview_images: Annotated[int, Field(ge=1, le=64)]
+    preview_samples: Annotated[int, Field(ge=1, le=16)]
+
+
+class RuntimeSettings(Strict):
+    device: Literal["auto", "cpu", "cuda"]
+    num_workers: NonNegativeInt
+    amp: bool
+    channels_last: bool
+
+
+class ModelTraining(Strict):
+    """What the teacher and every student share: a timm model and how to train it."""
+
+    model: str
+    pretrained: bool
+    drop_rate: Annotated[float, Field(ge=0.0, lt=1.0)]
+    drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)]
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    weight_decay: NonNegativeFloat
+    warmup_epochs: NonNegativeInt
+
+    @field_validator("model")
+    @classmethod
+    def _known_timm_model(cls, name: str) -> str:
+        import timm  # imported here: timm pulls in torch, which only model users need
+
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name[:4]}*")[:5]
+            hint = f" (close names: {', '.join(close)})" if close else ""
+            raise ValueError(f"unknown timm model '{name}'{hint}")
+        return name
+
+    @model_validator(mode="after")
+    def _warmup_within_epochs(self) -> ModelTraining:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError("warmup_epochs must be smaller than epochs")
+        return self
+
+
+class StudentSettings(ModelTraining):
+    name: str
+    teacher: str
+
+
+class PseudoLabelSettings(Strict):
+    threshold: Probability
+    batch_size: PositiveInt
+
+
+class MlflowSettings(Strict):
+    experiment: Annotated[str, Field(min_length=1)]
+    tracking_uri: Annotated[str, Field(min_length=1)]
+
+
+class Settings(Strict):
+    seed: NonNegativeInt
+    data: DataSettings
+    augment: AugmentSettings
+    runtime: RuntimeSettings
+    teacher: ModelTraining
+    pseudo_label: PseudoLabelSettings
+    students: Annotated[list[StudentSettings], Field(min_length=1)]
+    mlflow: MlflowSettings
+
+    @model_validator(mode="after")
+    def _rounds_chain(self) -> Settings:
+        # DVC's foreach cannot refer to the previous item, so each round names its teacher;
+        # here we insist the names form the chain teacher -> student_1 -> student_2 -> ...
+        previous = "teacher"
+        for index, student in enumerate(self.students, start=1):
+            expected = f"student_{index}"
+            if student.name != expected:
+                raise ValueError(f"students[{index - 1}].name must be '{expected}'")
+            if student.teacher != previous:
+                raise ValueError(f"students[{index - 1}].teacher must be '{previous}'")
+            previous = expected
+        return self
+
+    def student(self, name: str) -> StudentSettings:
+        for student in self.students:
+            if student.name == name:
+                return student
+        known = ", ".join(s.name for s in self.students)
+        raise PipelineError(f"no student round named '{name}' in params.yaml (known: {known})")
+
+    def model_names(self) -> list[str]:
+        """Every trained model in loop order: the teacher, then each round's student."""
+        return ["teacher", *(s.name for s in self.students)]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``pseudo_label.threshold``) in a copy of the raw params."""
+    import copy
+
+    result = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node: Any = result
+        parts = dotted.split(".")
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                key: Any = int(part)
+            elif isinstance(node, dict) and part in node:
+                key = part
+            else:
+                raise PipelineError(f"override '{dotted}': params.yaml has no key '{part}' there")
+            if last:
+                node[key] = value
+            else:
+                node = node[key]
+    return result
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (a typo?)"
+        elif item["type"] == "missing":
+            message = "missing key"
+        elif "input" in item and item["type"] not in ("value_error",):
+            message = f"{message}, got {item['input']!r}"
+        lines.append(f"{source}: {key}: {message}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    path: Path | str = PARAMS_FILE, overrides: dict[str, Any] | None = None
+) -> Settings:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: expected a mapping of sections at the top level")
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise PipelineError(format_validation_error(exc, str(path))) from None
