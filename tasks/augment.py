@@ -96,9 +96,7 @@ def preview_grid(images: np.ndarray, policies: dict[str, A.Compose], samples: in
 def augment(settings: Settings, out: Path = AUGMENT_DIR, data_dir: Path = PREPARED_DIR) -> Path:
     aug = settings.augment
     size = settings.data.image_size
-    policies = {
-        name: build_policy(getattr(aug, name), size, settings.seed) for name in POLICIES
-    }
+    policies = {name: build_policy(getattr(aug, name), size, settings.seed) for name in POLICIES}
     labeled = load_split("labeled", data_dir)
     rng = np.random.default_rng(settings.seed)
     pick = rng.choice(len(labeled), size=min(aug.preview_images, len(labeled)), replace=False)
@@ -106,8 +104,12 @@ def augment(settings: Settings, out: Path = AUGMENT_DIR, data_dir: Path = PREPAR
         staged.mkdir()
         for name, policy in policies.items():
             A.save(policy, staged / f"{name}.json")
-        preview_grid(np.asarray(labeled.images[np.sort(pick)]), policies, aug.preview_samples,
-                     staged / "preview.png")
+        preview_grid(
+            np.asarray(labeled.images[np.sort(pick)]),
+            policies,
+            aug.preview_samples,
+            staged / "preview.png",
+        )
     log.info("augmentation policies and preview written to %s", out)
     return out
 

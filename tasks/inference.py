@@ -19,7 +19,9 @@ def autocast(device: torch.device, runtime: RuntimeSettings):
     )
 
 
-def eval_loader(images: np.ndarray, batch_size: int, runtime: RuntimeSettings, device) -> DataLoader:
+def eval_loader(
+    images: np.ndarray, batch_size: int, runtime: RuntimeSettings, device
+) -> DataLoader:
     dataset = ImageDataset(images, np.zeros(len(images), dtype=np.int64))
     return make_loader(
         dataset,

@@ -65,14 +65,18 @@ def load_card(folder: Path) -> ModelCard:
     return ModelCard(**json.loads(path.read_text()))
 
 
-def load_checkpoint(folder: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, ModelCard]:
+def load_checkpoint(
+    folder: Path, device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, ModelCard]:
     card = load_card(folder)
     model = timm.create_model(card.model, pretrained=False, num_classes=len(card.classes))
     try:
         model.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        raise PipelineError(f"{folder}/model.safetensors: does not fit '{card.model}' ({first})") from None
+        raise PipelineError(
+            f"{folder}/model.safetensors: does not fit '{card.model}' ({first})"
+        ) from None
     return model.to(device).eval(), card
 
 

@@ -78,9 +78,7 @@ def _index(ids: Sequence[str], labels: Sequence[int], true_labels: Sequence[int]
     )
 
 
-def split_digits(
-    labels: np.ndarray, data: DataSettings, seed: int
-) -> dict[str, np.ndarray]:
+def split_digits(labels: np.ndarray, data: DataSettings, seed: int) -> dict[str, np.ndarray]:
     """Stratified, seeded split of indices into labeled / val / test / unlabeled."""
     rng = np.random.default_rng(seed)
     splits: dict[str, list[int]] = {name: [] for name in ("labeled", "val", "test", "unlabeled")}
@@ -142,7 +140,9 @@ def class_folders(root: Path, key: str) -> dict[str, list[Path]]:
             raise PipelineError(f"data.{key}: class folder '{sub}' holds no images")
         per_class[sub.name] = images
     if not per_class:
-        raise PipelineError(f"data.{key}: '{root}' has no class subfolders (expected one per class)")
+        raise PipelineError(
+            f"data.{key}: '{root}' has no class subfolders (expected one per class)"
+        )
     return per_class
 
 
@@ -177,10 +177,14 @@ def prepare_folders(data: DataSettings, seed: int, out: Path) -> list[str]:
     _write_paths(out, "labeled", paths, labels, labels, labeled_root, size)
 
     test_root = Path(data.test_dir)  # type: ignore[arg-type]
-    test_paths, test_labels = _labeled_split(class_folders(test_root, "test_dir"), classes, "test_dir")
+    test_paths, test_labels = _labeled_split(
+        class_folders(test_root, "test_dir"), classes, "test_dir"
+    )
     if data.val_dir:
         val_root = Path(data.val_dir)
-        val_paths, val_labels = _labeled_split(class_folders(val_root, "val_dir"), classes, "val_dir")
+        val_paths, val_labels = _labeled_split(
+            class_folders(val_root, "val_dir"), classes, "val_dir"
+        )
     else:
         # no val_dir: hold out a seeded share of the test folder for per-epoch monitoring
         order = np.random.default_rng(seed).permutation(len(test_paths))

@@ -75,7 +75,7 @@ def pseudo_label(
     models_dir: Path = MODELS_DIR,
     out_dir: Path = PSEUDO_DIR,
 ) -> dict:
-    """Label the pool with ``student``'s teacher; write the table and its summary; return the summary."""
+    """Label the pool with the teacher of round ``student``; write the table and its summary."""
     teacher = settings.student(student).teacher
     cfg = settings.pseudo_label
     device = resolve_device(settings.runtime)
@@ -90,12 +90,20 @@ def pseudo_label(
     chunks = []
     with (
         atomic_path(out_dir / f"{student}.csv") as tmp,
-        tqdm(total=len(pool), desc=f"pseudo-label ({teacher})", unit="img",
-             disable=not sys.stderr.isatty()) as bar,
+        tqdm(
+            total=len(pool),
+            desc=f"pseudo-label ({teacher})",
+            unit="img",
+            disable=not sys.stderr.isatty(),
+        ) as bar,
     ):
         start = 0
-        for i, probs in enumerate(iter_probabilities(model, normalize, loader, device, settings.runtime)):
-            rows = label_rows(probs, pool.ids[start : start + len(probs)], card.classes, cfg.threshold)
+        for i, probs in enumerate(
+            iter_probabilities(model, normalize, loader, device, settings.runtime)
+        ):
+            rows = label_rows(
+                probs, pool.ids[start : start + len(probs)], card.classes, cfg.threshold
+            )
             # streamed to disk batch by batch; only the small columns stay in memory
             rows.to_csv(tmp, mode="a", header=i == 0, index=False, float_format="%.6g")
             chunks.append(rows[["pred", "confidence", "kept"]])
@@ -113,7 +121,9 @@ def pseudo_label(
     accuracy = summary.get("kept_accuracy")
     log.info(
         "kept %d/%d pseudo-labels (%.1f%%)%s",
-        summary["kept"], summary["pool_images"], 100 * summary["kept_fraction"],
+        summary["kept"],
+        summary["pool_images"],
+        100 * summary["kept_fraction"],
         f", {100 * accuracy:.1f}% of them correct" if accuracy is not None else "",
     )
     return summary

@@ -61,7 +61,8 @@ def log_model(model: torch.nn.Module, card: ModelCard) -> None:
     import timm
 
     wrapped = torch.nn.Sequential(Normalize(card.mean, card.std), model).cpu().eval()
-    example = np.zeros((1, 3, card.image_size, card.image_size), dtype=np.float32)
+    # two images, so torch.export keeps the batch dimension dynamic
+    example = np.zeros((2, 3, card.image_size, card.image_size), dtype=np.float32)
     mlflow.pytorch.log_model(
         wrapped,
         name="model",

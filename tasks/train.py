@@ -22,7 +22,14 @@ from tasks import cli, tracking
 from tasks.augment import AUGMENT_DIR, load_policy
 from tasks.data import PREPARED_DIR, ImageDataset, Split, load_classes, load_split
 from tasks.errors import PipelineError
-from tasks.models import MODELS_DIR, ModelCard, create_model, normalization, resolve_device, save_checkpoint
+from tasks.models import (
+    MODELS_DIR,
+    ModelCard,
+    create_model,
+    normalization,
+    resolve_device,
+    save_checkpoint,
+)
 from tasks.pseudo_label import PSEUDO_DIR, load_kept
 from tasks.settings import ModelTraining, Settings
 from tasks.trainer import EpochResult, fit, seed_everything
@@ -95,9 +102,7 @@ def train(
         params["pseudo_label"] = settings.pseudo_label.model_dump()
         params["pseudo_labeled_images"] = len(train_set) - len(labeled)
     tags = {"stage": role, "round": str(round_), "model_name": name}
-    log.info(
-        "training %s (%s) on %d images on %s", name, spec.model, len(train_set), device.type
-    )
+    log.info("training %s (%s) on %d images on %s", name, spec.model, len(train_set), device.type)
     with tracking.training_run(settings.mlflow, name, tags, params) as run:
 
         def on_epoch(result: EpochResult) -> None:
@@ -130,7 +135,7 @@ def train(
 
 
 def check_round_flags(settings: Settings, name: str, flags: list[str]) -> None:
-    """The ``--key value`` copies dvc.yaml passes must match params.yaml (a stale lock, or a typo)."""
+    """The ``--key value`` copies that dvc.yaml passes must match params.yaml."""
     if not flags:
         return
     entry = settings.student(name).model_dump()

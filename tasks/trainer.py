@@ -59,9 +59,7 @@ def fit(
         drop_last=len(train_set) > spec.batch_size,
     )
     val_loader = eval_loader(val.images, 256, runtime, device)
-    optimizer = create_optimizer_v2(
-        model, opt="adamw", lr=spec.lr, weight_decay=spec.weight_decay
-    )
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=spec.lr, weight_decay=spec.weight_decay)
     steps = len(loader)
     scheduler = CosineLRScheduler(
         optimizer,
@@ -104,7 +102,11 @@ def fit(
         if not interactive and (epoch % max(1, spec.epochs // 5) == 0 or epoch == spec.epochs):
             log.info(
                 "%s epoch %d/%d  train_loss %.4f  val_accuracy %.4f",
-                desc, epoch, spec.epochs, train_loss, val_acc,
+                desc,
+                epoch,
+                spec.epochs,
+                train_loss,
+                val_acc,
             )
     return history
 

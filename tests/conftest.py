@@ -1,0 +1,94 @@
+"""Shared fixtures: the real params.yaml, shrunk for tests (tiny models, few epochs, CPU)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# keep every tool from calling home, in this process and in the ones it starts
+for key, value in {
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "GIT_AUTHOR_NAME": "tests",
+    "GIT_AUTHOR_EMAIL": "tests@example.com",
+    "GIT_COMMITTER_NAME": "tests",
+    "GIT_COMMITTER_EMAIL": "tests@example.com",
+}.items():
+    os.environ.setdefault(key, value)
+
+
+def load_params() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def shrink(params: dict[str, Any]) -> dict[str, Any]:
+    """The real params with small models and few epochs: minutes of CPU for the whole loop."""
+    p = copy.deepcopy(params)
+    p["data"]["image_size"] = 16
+    p["augment"]["preview_images"] = 2
+    p["augment"]["preview_samples"] = 1
+    p["teacher"].update(model="test_resnet", epochs=30, batch_size=8, warmup_epochs=1, lr=0.005)
+    for student in p["students"]:
+        student.update(model="test_resnet", epochs=6, batch_size=32, warmup_epochs=0, lr=0.005)
+        student.update(drop_path_rate=0.0)
+    return p
+
+
+@pytest.fixture
+def params() -> dict[str, Any]:
+    return load_params()
+
+
+@pytest.fixture
+def tiny_params() -> dict[str, Any]:
+    return shrink(load_params())
+
+
+def write_params(path: Path, params: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def venv_env() -> dict[str, str]:
+    """Environment whose PATH finds this interpreter's `python`, `dvc` and `mlflow` first."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def make_project(dest: Path, params: dict[str, Any]) -> Path:
+    """A fresh git + DVC repository holding the pipeline's code and the given params."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ROOT / "tasks", dest / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
+    write_params(dest / "params.yaml", params)
+    (dest / ".gitignore").write_text("mlflow.db\nmlruns/\n__pycache__/\n")
+    env = venv_env()
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "pipeline"],
+    ):
+        subprocess.run(cmd, cwd=dest, env=env, check=True)
+    return dest
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=venv_env(), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result

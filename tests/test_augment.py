@@ -1,0 +1,39 @@
+"""Augmentation policies: built from params, saved, loaded back identical, previewed."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from tasks.augment import augment, build_policy, load_policy
+from tasks.prepare import prepare
+from tasks.settings import Settings
+
+
+def test_saved_policy_replays_the_same_augmentations(tmp_path, tiny_params):
+    settings = Settings.model_validate(tiny_params)
+    prepare(settings, tmp_path / "prepared")
+    out = augment(settings, tmp_path / "augment", tmp_path / "prepared")
+    image = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    built = build_policy(settings.augment.student, 16, seed=7)
+    loaded = load_policy("student", seed=7, folder=out)
+    for _ in range(5):
+        a, b = built(image=image)["image"], loaded(image=image)["image"]
+        assert a.shape == (16, 16, 3) and np.array_equal(a, b)
+    preview = Image.open(out / "preview.png")
+    assert preview.size[0] > 100 and preview.size[1] > 100
+
+
+def test_student_noise_changes_images_more_than_teacher(tiny_params):
+    settings = Settings.model_validate(tiny_params)
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[4:12, 6:10] = 255
+    teacher = build_policy(settings.augment.teacher, 16, seed=0)
+    student = build_policy(settings.augment.student, 16, seed=0)
+
+    def mean_change(policy):
+        return np.mean(
+            [np.abs(policy(image=image)["image"].astype(int) - image).mean() for _ in range(50)]
+        )
+
+    assert mean_change(student) > mean_change(teacher) > 0

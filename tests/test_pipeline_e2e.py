@@ -1,0 +1,158 @@
+"""`dvc repro` of the real pipeline in fresh git repositories, on tiny real data."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import load_params, make_project, run, shrink, write_params
+from test_prepare import folder_params, write_image_folders
+
+pytestmark = pytest.mark.slow
+ALL_STAGES = [
+    "prepare",
+    "augment",
+    "train_teacher",
+    "pseudo_label@0",
+    "train_student@0",
+    "pseudo_label@1",
+    "train_student@1",
+    "evaluate",
+]
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("demo"), shrink(load_params()))
+    result = run(["dvc", "repro"], project)
+    return project, result.stdout + result.stderr
+
+
+def test_repro_runs_every_stage_in_order(demo):
+    project, output = demo
+    assert ran(output) == ALL_STAGES
+    metrics = json.loads((project / "metrics.json").read_text())
+    assert list(metrics) == ["teacher", "student_1", "student_2"]
+    assert all(0.0 <= m["test_accuracy"] <= 1.0 for m in metrics.values())
+    assert metrics["teacher"]["test_accuracy"] > 0.3
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
+    data = next(iter(shown.values()))["data"]
+    assert (
+        data["metrics.json"]["data"]["student_2"]["test_accuracy"]
+        == metrics["student_2"]["test_accuracy"]
+    )
+    assert "| student_2 |" in (project / "reports" / "comparison.md").read_text()
+
+
+def test_pseudo_label_table(demo):
+    project, _ = demo
+    pool = pd.read_csv(project / "data/prepared/unlabeled/index.csv")
+    table = pd.read_csv(project / "pseudo_labels/student_1.csv", dtype={"id": str})
+    prob_cols = [f"p_{i}" for i in range(10)]
+    assert list(table.columns) == ["id", "pred", "pred_class", "confidence", "kept", *prob_cols]
+    assert table["id"].tolist() == pool["id"].tolist()
+    np.testing.assert_allclose(table[prob_cols].sum(axis=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(table[prob_cols].max(axis=1), table["confidence"], atol=1e-5)
+    threshold = load_params()["pseudo_label"]["threshold"]
+    assert (table["kept"] == (table["confidence"] >= threshold)).all()
+    summary = json.loads((project / "pseudo_labels/student_1.json").read_text())
+    kept = table["kept"].to_numpy()
+    correct = (table["pred"].to_numpy() == pool["true_label"].to_numpy())[kept].mean()
+    assert summary["kept"] == kept.sum()
+    assert summary["kept_accuracy"] == pytest.approx(correct)
+
+
+def test_every_training_is_an_mlflow_run(demo):
+    project, _ = demo
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["noisy-student"], output_format="list")
+    by_name = {r.info.run_name: r for r in runs}
+    assert sorted(by_name) == ["student_1", "student_2", "teacher"]
+    metrics = json.loads((project / "metrics.json").read_text())
+    client = mlflow.MlflowClient()
+    params = shrink(load_params())
+    for name, expected_round in (("teacher", 0), ("student_1", 1), ("student_2", 2)):
+        r = by_name[name]
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["stage"] == ("teacher" if name == "teacher" else "student")
+        assert r.data.tags["round"] == str(expected_round)
+        assert r.data.metrics["test_accuracy"] == pytest.approx(metrics[name]["test_accuracy"])
+        epochs = (
+            params["teacher"]["epochs"] if name == "teacher" else params["students"][0]["epochs"]
+        )
+        for key in ("train_loss", "val_accuracy"):
+            assert [m.step for m in client.get_metric_history(r.info.run_id, key)] == list(
+                range(1, epochs + 1)
+            )
+    models = mlflow.search_logged_models(
+        output_format="list", experiment_ids=[runs[0].info.experiment_id]
+    )
+    assert len(models) == 3
+
+
+def test_second_repro_skips_everything(demo):
+    project, _ = demo
+    output = run(["dvc", "repro"], project).stdout
+    assert ran(output) == []
+    assert all(f"Stage '{s}' didn't change, skipping" in output for s in ALL_STAGES)
+    assert "up to date" in run(["dvc", "status"], project).stdout
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    outs = {o["path"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+    assert {
+        "data/prepared",
+        "models/teacher",
+        "models/student_2",
+        "pseudo_labels/student_1.csv",
+    } <= outs
+
+
+def test_same_params_and_data_give_the_same_pseudo_labels(demo, tmp_path):
+    project, _ = demo
+    twin = make_project(tmp_path / "twin", shrink(load_params()))
+    run(["dvc", "repro", "pseudo_label@0"], twin)
+    a = (project / "pseudo_labels/student_1.csv").read_bytes()
+    b = (twin / "pseudo_labels/student_1.csv").read_bytes()
+    assert a == b
+
+
+def test_changing_the_threshold_reruns_only_downstream_stages(demo):
+    project, _ = demo
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["pseudo_label"]["threshold"] = 0.5
+    write_params(project / "params.yaml", params)
+    output = run(["dvc", "repro"], project).stdout
+    assert ran(output) == ALL_STAGES[3:]
+    summary = json.loads((project / "pseudo_labels/student_1.json").read_text())
+    assert summary["threshold"] == 0.5
+
+
+def test_users_own_folders(tmp_path):
+    images = write_image_folders(tmp_path / "images", images_per_class=6, pool=30)
+    params = folder_params(shrink(load_params()), images)
+    params["students"] = params["students"][:1]
+    project = make_project(tmp_path / "project", params)
+    output = run(["dvc", "repro"], project)
+    assert ran(output.stdout) == [
+        "prepare",
+        "augment",
+        "train_teacher",
+        "pseudo_label@0",
+        "train_student@0",
+        "evaluate",
+    ]
+    assert "skipped 1 non-image file" in output.stderr
+    metrics = json.loads((project / "metrics.json").read_text())
+    assert list(metrics) == ["teacher", "student_1"]
+    table = pd.read_csv(project / "pseudo_labels/student_1.csv")
+    assert len(table) == 30 and set(table["pred_class"]) <= {"class_0", "class_1", "class_2"}
+    summary = json.loads((project / "pseudo_labels/student_1.json").read_text())
+    assert "kept_accuracy" not in summary  # the pool's truth is unknown

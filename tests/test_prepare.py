@@ -1,0 +1,129 @@
+"""Prepare stage: the digits split and the user's folders, read into resized RGB splits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from tasks.data import UNKNOWN, load_classes, load_split
+from tasks.errors import PipelineError
+from tasks.prepare import prepare, resize_rgb, split_digits
+from tasks.settings import Settings
+
+
+def settings_from(params) -> Settings:
+    return Settings.model_validate(params)
+
+
+def test_digit_splits_are_disjoint_stratified_and_seeded(params):
+    data = settings_from(params).data
+    labels = load_digits().target
+    splits = split_digits(labels, data, seed=0)
+    all_idx = np.concatenate(list(splits.values()))
+    assert len(all_idx) == len(labels) == len(set(all_idx.tolist()))
+    assert np.bincount(labels[splits["labeled"]]).tolist() == [data.labels_per_class] * 10
+    test_share = len(splits["test"]) / len(labels)
+    assert abs(test_share - data.test_fraction) < 0.01
+    again = split_digits(labels, data, seed=0)
+    other = split_digits(labels, data, seed=1)
+    assert all(np.array_equal(splits[k], again[k]) for k in splits)
+    assert not np.array_equal(splits["labeled"], other["labeled"])
+
+
+def test_too_many_labels_per_class_is_an_error(params):
+    params["data"]["labels_per_class"] = 500
+    with pytest.raises(PipelineError, match="leaves no unlabeled image"):
+        split_digits(load_digits().target, settings_from(params).data, seed=0)
+
+
+def test_prepare_digits_writes_every_split(tmp_path, tiny_params):
+    settings = settings_from(tiny_params)
+    counts = prepare(settings, tmp_path / "prepared")
+    root = tmp_path / "prepared"
+    assert load_classes(root) == [str(i) for i in range(10)]
+    assert sum(counts.values()) == 1797
+    labeled, pool = load_split("labeled", root), load_split("unlabeled", root)
+    assert labeled.images.shape == (counts["labeled"], 16, 16, 3)
+    assert labeled.images.dtype == np.uint8 and labeled.images.max() > 200
+    assert (pool.labels == UNKNOWN).all()  # the pool's labels are hidden from training...
+    assert (pool.true_labels >= 0).all()  # ...but kept to score pseudo-labels in the demo
+    assert json.loads((root / "classes.json").read_text())["counts"] == counts
+    assert not list(tmp_path.glob(".prepared*"))  # no temporary leftovers
+
+
+def test_resize_rgb_handles_gray_and_any_size():
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    assert resize_rgb(gray, 32).shape == (32, 32, 3)
+    big = np.zeros((100, 60, 3), dtype=np.uint8)
+    assert resize_rgb(big, 24).shape == (24, 24, 3)
+
+
+def write_image_folders(root, images_per_class=4, pool=10):
+    """Real digits saved as PNG/JPEG files in the folder layout users bring."""
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    for split, count in (("labeled", images_per_class), ("test", images_per_class)):
+        for cls in (0, 1, 2):
+            folder = root / split / f"class_{cls}"
+            folder.mkdir(parents=True)
+            for k, i in enumerate(
+                rng.choice(np.flatnonzero(digits.target == cls), count, replace=False)
+            ):
+                pixels = (digits.images[i] * 15).astype(np.uint8)
+                suffix = ".png" if k % 2 else ".jpg"
+                Image.fromarray(pixels).save(folder / f"{split}_{cls}_{k}{suffix}")
+    nested = root / "pool" / "batch one" / "ünïcode"
+    nested.mkdir(parents=True)
+    for k, i in enumerate(rng.choice(len(digits.target), pool, replace=False)):
+        rgba = np.dstack(
+            [(digits.images[i] * 15).astype(np.uint8)] * 3 + [np.full((8, 8), 255, np.uint8)]
+        )
+        Image.fromarray(rgba).save(nested / f"pool_{k}.png")
+    (nested / "notes.txt").write_text("not an image")
+    return root
+
+
+def folder_params(params, root):
+    params["data"].update(
+        source="folders",
+        labeled_dir=str(root / "labeled"),
+        unlabeled_dir=str(root / "pool"),
+        test_dir=str(root / "test"),
+        val_dir=None,
+        val_fraction=0.25,
+    )
+    return params
+
+
+def test_prepare_folders_reads_png_jpeg_gray_rgba_nested(tmp_path, tiny_params):
+    root = write_image_folders(tmp_path / "images")
+    settings = settings_from(folder_params(tiny_params, root))
+    counts = prepare(settings, tmp_path / "prepared")
+    assert load_classes(tmp_path / "prepared") == ["class_0", "class_1", "class_2"]
+    assert counts["labeled"] == 12 and counts["unlabeled"] == 10
+    assert counts["val"] == 3 and counts["test"] == 9  # val carved out of test_dir
+    pool = load_split("unlabeled", tmp_path / "prepared")
+    assert pool.ids[0].startswith("batch one/ünïcode/pool_")
+    assert pool.images.shape[1:] == (16, 16, 3)
+
+
+def test_test_class_missing_from_labeled_is_an_error(tmp_path, tiny_params):
+    root = write_image_folders(tmp_path / "images")
+    (root / "test" / "class_9").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "test" / "class_9" / "x.png")
+    with pytest.raises(PipelineError, match=r"\['class_9'\] do not exist in data.labeled_dir"):
+        prepare(settings_from(folder_params(tiny_params, root)), tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_corrupt_image_names_the_file(tmp_path, tiny_params):
+    root = write_image_folders(tmp_path / "images")
+    bad = root / "labeled" / "class_1" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(PipelineError, match="broken.png: cannot read as an image"):
+        prepare(settings_from(folder_params(tiny_params, root)), tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()

@@ -1,0 +1,100 @@
+"""params.yaml validation: every bad key or value stops the run with one line naming it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, venv_env, write_params
+
+from tasks.errors import PipelineError
+from tasks.settings import Settings, apply_overrides, load_settings
+
+
+def test_shipped_params_validate():
+    settings = load_settings(ROOT / "params.yaml")
+    assert settings.model_names()[0] == "teacher"
+    assert len(settings.students) >= 2
+    assert settings.data.source == "digits"
+
+
+def error_for(tmp_path, params) -> str:
+    with pytest.raises(PipelineError) as info:
+        load_settings(write_params(tmp_path / "params.yaml", params))
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            lambda p: p["teacher"].update(epochs=-3),
+            "teacher.epochs: Input should be greater than 0",
+        ),
+        (lambda p: p["pseudo_label"].update(threshold=1.5), "pseudo_label.threshold:"),
+        (lambda p: p["pseudo_label"].update(threshold=-0.1), "pseudo_label.threshold:"),
+        (lambda p: p["teacher"].update(lr="fast"), "teacher.lr: Input should be a valid number"),
+        (lambda p: p["data"].update(labels_per_class=2.5), "data.labels_per_class:"),
+        (lambda p: p.update(seeed=1), "seeed: unknown key (a typo?)"),
+        (lambda p: p["teacher"].update(modle="resnet18"), "teacher.modle: unknown key"),
+        (lambda p: p["data"].pop("image_size"), "data.image_size: missing key"),
+        (lambda p: p["data"].update(source="csv"), "data.source:"),
+        (lambda p: p["teacher"].update(model="resnet_does_not_exist"), "unknown timm model"),
+        (lambda p: p["students"][1].update(teacher="teacher"), "students[1].teacher must be"),
+        (lambda p: p["students"][0].update(name="big"), "students[0].name must be 'student_1'"),
+        (lambda p: p.update(students=[]), "students:"),
+        (lambda p: p["data"].update(source="folders"), "data.labeled_dir must name a folder"),
+        (lambda p: p["teacher"].update(warmup_epochs=500), "warmup_epochs must be smaller"),
+        (lambda p: p["augment"]["student"].update(rotate_p=2), "augment.student.rotate_p:"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, params, edit, expected):
+    edit(params)
+    message = error_for(tmp_path, params)
+    assert expected in message
+    assert message.startswith(str(tmp_path / "params.yaml"))
+
+
+def test_not_a_mapping_and_missing_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(PipelineError, match="expected a mapping"):
+        load_settings(path)
+    with pytest.raises(PipelineError, match="file not found"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+def test_overrides_are_validated_like_params(params):
+    raw = apply_overrides(params, {"pseudo_label.threshold": 0.9, "students.1.model": "resnet18"})
+    settings = Settings.model_validate(raw)
+    assert settings.pseudo_label.threshold == 0.9
+    assert settings.students[1].model == "resnet18"
+    with pytest.raises(PipelineError, match="no key 'treshold'"):
+        apply_overrides(params, {"pseudo_label.treshold": 0.9})
+
+
+def test_overrides_leave_the_original_untouched(params):
+    before = params["pseudo_label"]["threshold"]
+    apply_overrides(params, {"pseudo_label.threshold": before / 2})
+    assert params["pseudo_label"]["threshold"] == before
+
+
+def test_cli_prints_one_line_and_exits_non_zero(tmp_path, params):
+    params["pseudo_label"]["threshold"] = 2
+    bad = write_params(tmp_path / "bad.yaml", params)
+    out = tmp_path / "prepared"
+    result = subprocess.run(
+        [sys.executable, "-m", "tasks.prepare", "--params", str(bad), "--out", str(out)],
+        cwd=ROOT,
+        env=venv_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"error: {bad}: pseudo_label.threshold: Input should be less than or equal to 1, got 2"
+    ]
+    assert "Traceback" not in result.stderr
+    assert not out.exists()  # stopped before any work

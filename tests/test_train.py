@@ -1,0 +1,97 @@
+"""Training stage: a real (tiny) teacher and student, tracked in a real MLflow store."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from tasks.augment import augment
+from tasks.errors import PipelineError
+from tasks.evaluate import evaluate
+from tasks.models import load_checkpoint
+from tasks.prepare import prepare
+from tasks.pseudo_label import pseudo_label
+from tasks.settings import Settings
+from tasks.train import check_round_flags, train
+
+
+def test_round_flags_must_match_params(params):
+    settings = Settings.model_validate(params)
+    s1 = params["students"][0]
+    flags = ["--name", "student_1", "--model", s1["model"], "--lr", str(s1["lr"])]
+    check_round_flags(settings, "student_1", flags[2:])
+    with pytest.raises(PipelineError, match="--lr 9.0 differs from params.yaml"):
+        check_round_flags(settings, "student_1", ["--lr", "9"])
+    with pytest.raises(PipelineError, match="unknown option --colour"):
+        check_round_flags(settings, "student_1", ["--colour", "red"])
+
+
+def test_teacher_student_loop_tracks_every_run(tmp_path, tiny_params, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's artifact root defaults to ./mlruns
+    tiny_params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
+    tiny_params["students"] = tiny_params["students"][:1]
+    settings = Settings.model_validate(tiny_params)
+    dirs = {"data_dir": tmp_path / "data", "models_dir": tmp_path / "models"}
+    prepare(settings, dirs["data_dir"])
+    augment(settings, tmp_path / "augment", dirs["data_dir"])
+
+    history = train(settings, "teacher", augment_dir=tmp_path / "augment", **dirs)
+    assert len(history) == settings.teacher.epochs
+    assert history[-1].train_loss < history[0].train_loss
+    assert history[-1].val_accuracy > 0.3  # ten classes: chance is 0.1
+
+    summary = pseudo_label(settings, "student_1", out_dir=tmp_path / "pl", **dirs)
+    assert summary["kept"] > 0
+    train(
+        settings, "student_1", augment_dir=tmp_path / "augment", pseudo_dir=tmp_path / "pl", **dirs
+    )
+    metrics = evaluate(
+        settings,
+        pseudo_dir=tmp_path / "pl",
+        metrics_file=tmp_path / "metrics.json",
+        comparison_file=tmp_path / "comparison.md",
+        **dirs,
+    )
+    assert set(metrics) == {"teacher", "student_1"}
+
+    mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[settings.mlflow.experiment], output_format="list")
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(by_name) == {"teacher", "student_1"}
+    teacher, student = by_name["teacher"], by_name["student_1"]
+    assert teacher.data.tags["stage"] == "teacher" and teacher.data.tags["round"] == "0"
+    assert student.data.tags["stage"] == "student" and student.data.tags["round"] == "1"
+    assert student.data.params["model.drop_rate"] == str(settings.students[0].drop_rate)
+    client = mlflow.MlflowClient()
+    losses = client.get_metric_history(teacher.info.run_id, "train_loss")
+    assert [m.step for m in losses] == list(range(1, settings.teacher.epochs + 1))
+    assert teacher.data.metrics["test_accuracy"] == pytest.approx(
+        metrics["teacher"]["test_accuracy"]
+    )
+    assert all(r.info.status == "FINISHED" for r in runs)
+    logged = mlflow.search_logged_models(
+        experiment_ids=[teacher.info.experiment_id], output_format="list"
+    )
+    assert len(logged) == 2
+
+    model, card = load_checkpoint(tmp_path / "models" / "student_1")
+    assert card.mlflow_run_id == student.info.run_id and card.classes == [str(i) for i in range(10)]
+
+
+def test_failed_training_ends_its_mlflow_run_failed(tmp_path, tiny_params, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny_params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = Settings.model_validate(tiny_params)
+    prepare(settings, tmp_path / "data")
+    augment(settings, tmp_path / "augment", tmp_path / "data")
+    with pytest.raises(PipelineError, match="run the pseudo_label stage first"):
+        train(
+            settings,
+            "student_1",
+            data_dir=tmp_path / "data",
+            augment_dir=tmp_path / "augment",
+            pseudo_dir=tmp_path / "nowhere",
+            models_dir=tmp_path / "models",
+        )
+    with pytest.raises(PipelineError, match="unknown model 'student_9'"):
+        train(settings, "student_9", data_dir=tmp_path / "data")
