@@ -1,2 +1,2 @@
-"""Stages of the Noisy Student pipeline: each a plain function, with a thin CLI (DVC) and a thin
-Prefect task over it."""
+"""Stages of the Noisy Student pipeline: each a plain function with a thin CLI that dvc.yaml calls
+(and, once flows/ exists, a thin Prefect task over the same function)."""

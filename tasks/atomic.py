@@ -23,7 +23,8 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     try:
         yield staged
         if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
+            # a folder cannot be replaced in one rename: park the old one in tmp, then swap
+            os.replace(target, tmp / "previous")
         os.replace(staged, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,7 @@ Training loads them back with ``load_policy``, so what ran is exactly what was v
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 
 import albumentations as A
@@ -23,10 +24,20 @@ AUGMENT_DIR = Path("artifacts/augment")
 POLICIES = ("teacher", "student")
 
 
+def seed_policy(policy: A.Compose, seed: int) -> A.Compose:
+    """Give the whole policy one random stream.
+
+    ``Compose(seed=...)`` and ``set_random_seed`` start every op's generator from the same seed, so
+    all ops would draw the same numbers and fire together; one shared generator keeps them apart.
+    """
+    policy.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    return policy
+
+
 def build_policy(policy: PolicySettings, image_size: int, seed: int) -> A.Compose:
     """The notes' per-image ops: crop, flip, rotate, brightness/contrast, affine, erasing."""
     border = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0}
-    return A.Compose(
+    compose = A.Compose(
         [
             A.RandomResizedCrop(
                 size=(image_size, image_size),
@@ -54,15 +65,13 @@ def build_policy(policy: PolicySettings, image_size: int, seed: int) -> A.Compos
                 fill=0,
                 p=policy.erase_p,
             ),
-        ],
-        seed=seed,
+        ]
     )
+    return seed_policy(compose, seed)
 
 
 def load_policy(name: str, seed: int, folder: Path = AUGMENT_DIR) -> A.Compose:
-    policy = A.load(folder / f"{name}.json")
-    policy.set_random_seed(seed)
-    return policy
+    return seed_policy(A.load(folder / f"{name}.json"), seed)
 
 
 def preview_grid(images: np.ndarray, policies: dict[str, A.Compose], samples: int, path: Path):
@@ -100,16 +109,12 @@ def augment(settings: Settings, out: Path = AUGMENT_DIR, data_dir: Path = PREPAR
     labeled = load_split("labeled", data_dir)
     rng = np.random.default_rng(settings.seed)
     pick = rng.choice(len(labeled), size=min(aug.preview_images, len(labeled)), replace=False)
-    with atomic_path(out) as staged:
-        staged.mkdir()
-        for name, policy in policies.items():
-            A.save(policy, staged / f"{name}.json")
-        preview_grid(
-            np.asarray(labeled.images[np.sort(pick)]),
-            policies,
-            aug.preview_samples,
-            staged / "preview.png",
-        )
+    # one file at a time (each a DVC output of its own; DVC keeps a .gitignore beside them)
+    for name, policy in policies.items():
+        with atomic_path(out / f"{name}.json") as tmp:
+            A.save(policy, tmp)
+    with atomic_path(out / "preview.png") as tmp:
+        preview_grid(np.asarray(labeled.images[np.sort(pick)]), policies, aug.preview_samples, tmp)
     log.info("augmentation policies and preview written to %s", out)
     return out
 

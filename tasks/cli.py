@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable
 
@@ -20,6 +21,8 @@ def parser(description: str) -> argparse.ArgumentParser:
 def run(main: Callable[[argparse.Namespace, Settings], None], args: argparse.Namespace) -> None:
     """Load settings, run one stage, and turn a PipelineError into one line and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # a kill (CI timeout, `kill`) unwinds like Ctrl-C, so context managers close MLflow runs
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         settings = load_settings(args.params)
         main(args, settings)
@@ -29,3 +32,7 @@ def run(main: Callable[[argparse.Namespace, Settings], None], args: argparse.Nam
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

@@ -85,11 +85,13 @@ class ImageDataset(Dataset):
 
 def _reseed_worker(worker_id: int) -> None:
     # albumentations' Compose keeps its own RNG, which every worker would otherwise copy as is.
+    from tasks.augment import seed_policy
+
     info = torch.utils.data.get_worker_info()
     seed = torch.initial_seed() % 2**32
     for dataset in _datasets(info.dataset):
         if dataset.transform is not None:
-            dataset.transform.set_random_seed(seed)
+            seed_policy(dataset.transform, seed)
 
 
 def _datasets(dataset: Dataset) -> list[ImageDataset]:

@@ -14,8 +14,8 @@ from pathlib import Path
 from tasks import cli, tracking
 from tasks.atomic import write_text
 from tasks.data import PREPARED_DIR, load_split
-from tasks.inference import accuracy, eval_loader
-from tasks.models import MODELS_DIR, Normalize, load_checkpoint, resolve_device
+from tasks.inference import EVAL_BATCH_SIZE, accuracy, eval_loader
+from tasks.models import MODELS_DIR, load_for_inference, resolve_device
 from tasks.pseudo_label import PSEUDO_DIR
 from tasks.settings import Settings
 
@@ -58,11 +58,10 @@ def evaluate(
 ) -> dict:
     device = resolve_device(settings.runtime)
     test = load_split("test", data_dir)
-    loader = eval_loader(test.images, 256, settings.runtime, device)
+    loader = eval_loader(test.images, EVAL_BATCH_SIZE, settings.runtime, device)
     metrics: dict = {}
     for name in settings.model_names():
-        model, card = load_checkpoint(models_dir / name, device)
-        normalize = Normalize(card.mean, card.std).to(device)
+        model, normalize, card = load_for_inference(models_dir / name, device)
         acc = accuracy(model, normalize, loader, test.labels, device, settings.runtime)
         metrics[name] = {"test_accuracy": acc, "model": card.model}
         tracking.log_test_accuracy(settings.mlflow, card.mlflow_run_id, acc)

@@ -11,6 +11,9 @@ from torch.utils.data import DataLoader
 from tasks.data import ImageDataset, make_loader
 from tasks.settings import RuntimeSettings
 
+# validation and test batches: affects memory and speed only, never a result
+EVAL_BATCH_SIZE = 256
+
 
 def autocast(device: torch.device, runtime: RuntimeSettings):
     # bf16 needs no loss scaling; on the CPU autocast would slow small models down, so GPU only

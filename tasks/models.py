@@ -80,6 +80,13 @@ def load_checkpoint(
     return model.to(device).eval(), card
 
 
+def load_for_inference(
+    folder: Path, device: torch.device
+) -> tuple[torch.nn.Module, Normalize, ModelCard]:
+    model, card = load_checkpoint(folder, device)
+    return model, Normalize(card.mean, card.std).to(device), card
+
+
 def resolve_device(runtime: RuntimeSettings) -> torch.device:
     if runtime.device == "cuda" and not torch.cuda.is_available():
         raise PipelineError("runtime.device is 'cuda' but no CUDA device is available")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from tasks import cli
 from tasks.atomic import atomic_path
-from tasks.data import PREPARED_DIR, UNKNOWN
+from tasks.data import PREPARED_DIR, SPLITS, UNKNOWN
 from tasks.errors import PipelineError
 from tasks.settings import DataSettings, Settings
 
@@ -81,7 +81,7 @@ def _index(ids: Sequence[str], labels: Sequence[int], true_labels: Sequence[int]
 def split_digits(labels: np.ndarray, data: DataSettings, seed: int) -> dict[str, np.ndarray]:
     """Stratified, seeded split of indices into labeled / val / test / unlabeled."""
     rng = np.random.default_rng(seed)
-    splits: dict[str, list[int]] = {name: [] for name in ("labeled", "val", "test", "unlabeled")}
+    splits: dict[str, list[int]] = {name: [] for name in SPLITS}
     for cls in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == cls))
         n_test = round(len(members) * data.test_fraction)
@@ -120,12 +120,14 @@ def prepare_digits(data: DataSettings, seed: int, out: Path) -> list[str]:
     return classes
 
 
-def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
-    """Image files at any depth under ``folder`` (sorted), and the other files found."""
+def list_images(folder: Path) -> list[Path]:
+    """Image files at any depth under ``folder``, sorted; other files are skipped with a warning."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
-    return images, others
+    if others:
+        log.warning("%s: skipped %d non-image file(s), e.g. %s", folder, len(others), others[0])
+    return images
 
 
 def class_folders(root: Path, key: str) -> dict[str, list[Path]]:
@@ -133,9 +135,7 @@ def class_folders(root: Path, key: str) -> dict[str, list[Path]]:
         raise PipelineError(f"data.{key}: '{root}' is not a folder")
     per_class: dict[str, list[Path]] = {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        images, others = list_images(sub)
-        if others:
-            log.warning("%s: skipped %d non-image file(s), e.g. %s", sub, len(others), others[0])
+        images = list_images(sub)
         if not images:
             raise PipelineError(f"data.{key}: class folder '{sub}' holds no images")
         per_class[sub.name] = images
@@ -201,9 +201,7 @@ def prepare_folders(data: DataSettings, seed: int, out: Path) -> list[str]:
     pool_root = Path(data.unlabeled_dir)  # type: ignore[arg-type]
     if not pool_root.is_dir():
         raise PipelineError(f"data.unlabeled_dir: '{pool_root}' is not a folder")
-    pool, others = list_images(pool_root)
-    if others:
-        log.warning("%s: skipped %d non-image file(s), e.g. %s", pool_root, len(others), others[0])
+    pool = list_images(pool_root)
     if not pool:
         raise PipelineError(f"data.unlabeled_dir: '{pool_root}' holds no images")
     hidden = [UNKNOWN] * len(pool)
@@ -222,7 +220,7 @@ def prepare(settings: Settings, out: Path = PREPARED_DIR) -> dict[str, int]:
             classes = prepare_folders(data, settings.seed, staged)
         counts = {
             name: int(np.load(staged / name / "images.npy", mmap_mode="r").shape[0])
-            for name in ("labeled", "val", "test", "unlabeled")
+            for name in SPLITS
         }
         summary = {"classes": classes, "source": data.source, "counts": counts}
         (staged / "classes.json").write_text(json.dumps(summary, indent=2))

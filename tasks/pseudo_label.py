@@ -25,7 +25,7 @@ from tasks.atomic import atomic_path
 from tasks.data import PREPARED_DIR, UNKNOWN, Split, load_split
 from tasks.errors import PipelineError
 from tasks.inference import eval_loader, iter_probabilities
-from tasks.models import MODELS_DIR, Normalize, load_checkpoint, resolve_device
+from tasks.models import MODELS_DIR, load_for_inference, resolve_device
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,7 @@ def pseudo_label(
     teacher = settings.student(student).teacher
     cfg = settings.pseudo_label
     device = resolve_device(settings.runtime)
-    model, card = load_checkpoint(models_dir / teacher, device)
-    normalize = Normalize(card.mean, card.std).to(device)
+    model, normalize, card = load_for_inference(models_dir / teacher, device)
     pool = load_split("unlabeled", data_dir)
     if len(pool) == 0:
         raise PipelineError(f"{data_dir}/unlabeled: the unlabeled pool is empty")

@@ -20,7 +20,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from tasks import cli, tracking
 from tasks.augment import AUGMENT_DIR, load_policy
-from tasks.data import PREPARED_DIR, ImageDataset, Split, load_classes, load_split
+from tasks.data import PREPARED_DIR, UNKNOWN, ImageDataset, Split, load_classes, load_split
 from tasks.errors import PipelineError
 from tasks.models import (
     MODELS_DIR,
@@ -48,7 +48,7 @@ def student_dataset(
     """Labeled images plus the kept pseudo-labeled pool images, all under the student's noise."""
     pool = load_split("unlabeled", data_dir)
     indices, targets = load_kept(pseudo_dir / f"{name}.csv", pool)
-    pool_targets = np.full(len(pool), -1, dtype=np.int64)
+    pool_targets = np.full(len(pool), UNKNOWN, dtype=np.int64)
     pool_targets[indices] = targets
     return ConcatDataset(
         [
@@ -128,9 +128,9 @@ def train(
             mlflow_run_id=run.info.run_id,
         )
         out = models_dir / name
+        tracking.log_model(model, card)
         curves = pd.DataFrame([r.__dict__ for r in history]).to_csv(index=False)
         save_checkpoint(model, card, out, extra_files={"history.csv": curves})
-        tracking.log_model(model, card)
     return history
 
 

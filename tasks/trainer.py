@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from tasks.data import Split, make_loader
-from tasks.inference import accuracy, autocast, device_memory_format, eval_loader
+from tasks.inference import EVAL_BATCH_SIZE, accuracy, autocast, device_memory_format, eval_loader
 from tasks.models import Normalize, normalization
 from tasks.settings import ModelTraining, RuntimeSettings
 
@@ -42,13 +42,14 @@ def fit(
     on_epoch: Callable[[EpochResult], None],
     desc: str,
 ) -> list[EpochResult]:
-    """Train ``model`` in place with AdamW and a warmup + cosine schedule (timm's)."""
-    torch.manual_seed(seed)
+    """Train ``model`` in place with AdamW and a warmup + cosine schedule (timm's).
+
+    The caller seeds the global RNGs (``seed_everything``) before it builds the model."""
     memory_format = device_memory_format(device, runtime)
     model.to(device=device, memory_format=memory_format)
     normalize = Normalize(*normalization(model)).to(device)
     pin = device.type == "cuda"
-    # a lone sample in the last batch would break BatchNorm; drop it when there is enough data
+    # a lone sample in the last batch would break BatchNorm: drop that one only
     loader = make_loader(
         train_set,
         spec.batch_size,
@@ -56,9 +57,9 @@ def fit(
         num_workers=runtime.num_workers,
         pin_memory=pin,
         seed=seed,
-        drop_last=len(train_set) > spec.batch_size,
+        drop_last=len(train_set) % spec.batch_size == 1,
     )
-    val_loader = eval_loader(val.images, 256, runtime, device)
+    val_loader = eval_loader(val.images, EVAL_BATCH_SIZE, runtime, device)
     optimizer = create_optimizer_v2(model, opt="adamw", lr=spec.lr, weight_decay=spec.weight_decay)
     steps = len(loader)
     scheduler = CosineLRScheduler(

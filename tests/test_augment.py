@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 
 from tasks.augment import augment, build_policy, load_policy
+from tasks.data import ImageDataset, make_loader
 from tasks.prepare import prepare
 from tasks.settings import Settings
 
@@ -37,3 +38,28 @@ def test_student_noise_changes_images_more_than_teacher(tiny_params):
         )
 
     assert mean_change(student) > mean_change(teacher) > 0
+
+
+def test_ops_draw_from_one_stream_so_they_fire_independently(tiny_params):
+    # each op seeded alike would draw the same numbers, so all ops would fire together
+    settings = Settings.model_validate(tiny_params)
+    policy = build_policy(settings.augment.student, 16, seed=0)
+    assert all(op.random_generator is policy.random_generator for op in policy.transforms)
+
+
+def test_loader_workers_augment_differently_and_reproducibly(tiny_params):
+    settings = Settings.model_validate(tiny_params)
+    image = np.zeros((1, 16, 16, 3), np.uint8)
+    image[0, 4:12, 6:10] = 200
+    images = np.repeat(image, 8, axis=0)
+
+    def draws():
+        policy = build_policy(settings.augment.student, 16, seed=0)
+        dataset = ImageDataset(images, np.zeros(8, np.int64), policy)
+        loader = make_loader(dataset, 1, shuffle=False, num_workers=2, pin_memory=False, seed=3)
+        return [x.numpy() for x, _ in loader]
+
+    first, second = draws(), draws()
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    # batches 0 and 1 come from different workers: their streams must differ
+    assert not np.array_equal(first[0], first[1])

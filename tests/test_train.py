@@ -79,11 +79,29 @@ def test_teacher_student_loop_tracks_every_run(tmp_path, tiny_params, monkeypatc
 
 
 def test_failed_training_ends_its_mlflow_run_failed(tmp_path, tiny_params, monkeypatch):
+    import tasks.train
+
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("out of memory, say")
+
     monkeypatch.chdir(tmp_path)
     tiny_params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
     settings = Settings.model_validate(tiny_params)
     prepare(settings, tmp_path / "data")
     augment(settings, tmp_path / "augment", tmp_path / "data")
+    monkeypatch.setattr(tasks.train, "fit", broken_fit)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(
+            settings,
+            "teacher",
+            data_dir=tmp_path / "data",
+            augment_dir=tmp_path / "augment",
+            models_dir=tmp_path / "models",
+        )
+    mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
+    (failed,) = mlflow.search_runs(experiment_names=["noisy-student"], output_format="list")
+    assert failed.info.status == "FAILED" and failed.info.run_name == "teacher"
+    assert not (tmp_path / "models" / "teacher").exists()
     with pytest.raises(PipelineError, match="run the pseudo_label stage first"):
         train(
             settings,
