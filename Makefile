@@ -32,7 +32,7 @@ lint: $(STAMP)
 ui: $(STAMP)  ## MLflow UI on 127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
-lock:  ## re-resolve requirements.lock from pyproject.toml
+lock: $(STAMP)  ## re-resolve requirements.lock from pyproject.toml
 	$(VENV)/bin/uv pip compile --quiet pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
 clean:  ## remove pipeline outputs and the tracking store (not the venv)
