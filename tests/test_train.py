@@ -89,27 +89,19 @@ def test_failed_training_ends_its_mlflow_run_failed(tmp_path, tiny_params, monke
     settings = Settings.model_validate(tiny_params)
     prepare(settings, tmp_path / "data")
     augment(settings, tmp_path / "augment", tmp_path / "data")
+    dirs = {
+        "data_dir": tmp_path / "data",
+        "augment_dir": tmp_path / "augment",
+        "models_dir": tmp_path / "models",
+    }
     monkeypatch.setattr(tasks.train, "fit", broken_fit)
     with pytest.raises(RuntimeError, match="out of memory"):
-        train(
-            settings,
-            "teacher",
-            data_dir=tmp_path / "data",
-            augment_dir=tmp_path / "augment",
-            models_dir=tmp_path / "models",
-        )
+        train(settings, "teacher", **dirs)
     mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
     (failed,) = mlflow.search_runs(experiment_names=["noisy-student"], output_format="list")
     assert failed.info.status == "FAILED" and failed.info.run_name == "teacher"
     assert not (tmp_path / "models" / "teacher").exists()
     with pytest.raises(PipelineError, match="run the pseudo_label stage first"):
-        train(
-            settings,
-            "student_1",
-            data_dir=tmp_path / "data",
-            augment_dir=tmp_path / "augment",
-            pseudo_dir=tmp_path / "nowhere",
-            models_dir=tmp_path / "models",
-        )
+        train(settings, "student_1", pseudo_dir=tmp_path / "nowhere", **dirs)
     with pytest.raises(PipelineError, match="unknown model 'student_9'"):
         train(settings, "student_9", data_dir=tmp_path / "data")
