@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test lint ui lock clean
+.PHONY: demo test lint ui serve lock clean
 
 $(STAMP): requirements.lock
 	@test -x $(VENV)/bin/python || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -31,6 +31,9 @@ lint: $(STAMP)
 
 ui: $(STAMP)  ## MLflow UI on 127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+serve: $(STAMP)  ## Prefect server on 127.0.0.1:4200 + the process serving `self-training/demo`
+	python -m flows.serve --server
 
 lock: $(STAMP)  ## re-resolve requirements.lock from pyproject.toml
 	$(VENV)/bin/uv pip compile --quiet pyproject.toml --extra dev --python-version 3.11 -o requirements.lock

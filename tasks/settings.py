@@ -127,6 +127,14 @@ class PseudoLabelSettings(Strict):
 class MlflowSettings(Strict):
     experiment: Annotated[str, Field(min_length=1)]
     tracking_uri: Annotated[str, Field(min_length=1)]
+    ui_url: Annotated[str, Field(pattern=r"^https?://")]
+
+
+class FlowSettings(Strict):
+    """Prefect orchestration only: no DVC stage reads these."""
+
+    retries: NonNegativeInt
+    retry_delay_seconds: NonNegativeFloat
 
 
 class Settings(Strict):
@@ -138,6 +146,7 @@ class Settings(Strict):
     pseudo_label: PseudoLabelSettings
     students: Annotated[list[StudentSettings], Field(min_length=1)]
     mlflow: MlflowSettings
+    flow: FlowSettings
 
     @model_validator(mode="after")
     def _rounds_chain(self) -> Settings:

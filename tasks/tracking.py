@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -18,8 +21,18 @@ from tasks.settings import MlflowSettings
 log = logging.getLogger(__name__)
 
 
+def tracking_uri(cfg: MlflowSettings) -> str:
+    """``sqlite:///mlflow.db`` made absolute against the current (project) directory: MLflow
+    caches one store per URI, so a relative one would keep pointing at the first project."""
+    prefix = "sqlite:///"
+    uri = cfg.tracking_uri
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri.removeprefix(prefix)).resolve())
+    return uri
+
+
 def experiment_id(cfg: MlflowSettings) -> str:
-    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri(cfg))
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
         return experiment.experiment_id
@@ -43,14 +56,66 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+@dataclass(frozen=True)
+class ParentRun:
+    """An orchestrator's run (one Prefect flow run): training runs nest under it, with its tags."""
+
+    run_id: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+
 @contextlib.contextmanager
 def training_run(
-    cfg: MlflowSettings, run_name: str, tags: dict[str, str], params: dict[str, Any]
+    cfg: MlflowSettings,
+    run_name: str,
+    tags: dict[str, str],
+    params: dict[str, Any],
+    parent: ParentRun | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that ends FAILED if the body raises (mlflow.start_run does that)."""
-    with mlflow.start_run(experiment_id=experiment_id(cfg), run_name=run_name, tags=tags) as run:
+    with mlflow.start_run(
+        experiment_id=experiment_id(cfg),
+        run_name=run_name,
+        tags={**(parent.tags if parent else {}), **tags},
+        parent_run_id=parent.run_id if parent else None,
+    ) as run:
         mlflow.log_params(flatten(params))
         yield run
+
+
+def start_parent_run(
+    cfg: MlflowSettings, run_name: str, tags: dict[str, str], params: dict[str, Any]
+) -> ParentRun:
+    """Open a run without making it the active one: stages open their own runs beneath it."""
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    run = client.create_run(experiment_id(cfg), run_name=run_name, tags=tags)
+    flat = flatten(params)
+    keys = sorted(flat)
+    for start in range(0, len(keys), 100):  # MLflow takes at most 100 params per batch
+        batch = [mlflow.entities.Param(k, str(flat[k])) for k in keys[start : start + 100]]
+        client.log_batch(run.info.run_id, params=batch)
+    return ParentRun(run.info.run_id, tags)
+
+
+def end_parent_run(
+    cfg: MlflowSettings, parent: ParentRun, metrics: dict[str, float], failed: bool
+) -> None:
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    if metrics:
+        batch = [mlflow.entities.Metric(k, v, _now_ms(), 0) for k, v in metrics.items()]
+        client.log_batch(parent.run_id, metrics=batch)
+    client.set_terminated(parent.run_id, "FAILED" if failed else "FINISHED")
+
+
+def run_url(cfg: MlflowSettings, run_id: str) -> str:
+    """The run's page in the MLflow UI at ``mlflow.ui_url``."""
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    experiment = client.get_run(run_id).info.experiment_id
+    return f"{cfg.ui_url.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def log_model(model: torch.nn.Module, card: ModelCard) -> None:
@@ -76,7 +141,7 @@ def log_model(model: torch.nn.Module, card: ModelCard) -> None:
 def log_test_accuracy(cfg: MlflowSettings, run_id: str | None, value: float) -> None:
     if run_id is None:
         return
-    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri(cfg))
     try:
         mlflow.MlflowClient().log_metric(run_id, "test_accuracy", value)
     except MlflowException as exc:

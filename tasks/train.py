@@ -66,8 +66,12 @@ def train(
     augment_dir: Path = AUGMENT_DIR,
     pseudo_dir: Path = PSEUDO_DIR,
     models_dir: Path = MODELS_DIR,
+    parent: tracking.ParentRun | None = None,
 ) -> list[EpochResult]:
-    """Train model ``name`` (``teacher`` or ``student_<r>``) and write ``models/<name>``."""
+    """Train model ``name`` (``teacher`` or ``student_<r>``) and write ``models/<name>``.
+
+    ``parent``: the orchestrator's MLflow run, under which this training run is nested.
+    """
     if name not in settings.model_names():
         known = ", ".join(settings.model_names())
         raise PipelineError(f"unknown model '{name}' (params.yaml defines: {known})")
@@ -103,7 +107,7 @@ def train(
         params["pseudo_labeled_images"] = len(train_set) - len(labeled)
     tags = {"stage": role, "round": str(round_), "model_name": name}
     log.info("training %s (%s) on %d images on %s", name, spec.model, len(train_set), device.type)
-    with tracking.training_run(settings.mlflow, name, tags, params) as run:
+    with tracking.training_run(settings.mlflow, name, tags, params, parent) as run:
 
         def on_epoch(result: EpochResult) -> None:
             mlflow.log_metrics(

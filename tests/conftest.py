@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ for key, value in {
     "GIT_COMMITTER_EMAIL": "tests@example.com",
 }.items():
     os.environ.setdefault(key, value)
+# Prefect's settings, database and profiles of the tests stay out of the user's ~/.prefect
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
+os.environ.pop("PREFECT_API_URL", None)
 
 
 def load_params() -> dict[str, Any]:
@@ -43,6 +47,7 @@ def shrink(params: dict[str, Any]) -> dict[str, Any]:
     for student in p["students"]:
         student.update(model="test_resnet", epochs=6, batch_size=32, warmup_epochs=0, lr=0.005)
         student.update(drop_path_rate=0.0)
+    p["flow"].update(retries=0, retry_delay_seconds=0)  # a failing test fails at once
     return p
 
 
@@ -71,10 +76,13 @@ def venv_env() -> dict[str, str]:
 def make_project(dest: Path, params: dict[str, Any]) -> Path:
     """A fresh git + DVC repository holding the pipeline's code and the given params."""
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(ROOT / "tasks", dest / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("tasks", "flows"):
+        shutil.copytree(
+            ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
     shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
     write_params(dest / "params.yaml", params)
-    (dest / ".gitignore").write_text("mlflow.db\nmlruns/\n__pycache__/\n")
+    (dest / ".gitignore").write_text("mlflow.db\nmlruns/\n__pycache__/\n.prefect/\n")
     env = venv_env()
     for cmd in (
         ["git", "init", "-q"],

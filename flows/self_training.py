@@ -1,0 +1,232 @@
+"""Prefect flow `self-training`: the Noisy Student loop of dvc.yaml, one Prefect task per stage.
+
+    prepare -> augment -> train teacher -> (pseudo-label -> train student) per round -> evaluate
+
+Each task calls the stage function that dvc.yaml's command calls (flows/stages.py) and is skipped,
+restored from DVC's run-cache, or run and recorded in dvc.lock exactly as `dvc repro` would
+(flows/dvc_project.py). A completed run is saved as a DVC experiment named after the flow run.
+
+Run it once, in this process:   python -m flows.self_training [--overrides '{"seed": 1}']
+Serve it for `prefect deployment run`:   make serve   (flows/serve.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from filelock import FileLock, Timeout
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import deployment, flow_run
+
+from flows.dvc_project import DvcProject, Outcome, params_for_run
+from flows.stages import Step, plan
+from tasks import tracking
+from tasks.errors import PipelineError
+from tasks.evaluate import METRICS_FILE
+from tasks.models import MODELS_DIR, load_card
+from tasks.pseudo_label import PSEUDO_DIR
+from tasks.settings import PARAMS_FILE, Settings, load_settings
+
+FLOW_NAME = "self-training"
+LOCK_FILE = Path(".dvc/tmp/self-training.lock")
+# the stages' progress lines (epochs, images labeled) go to the Prefect run's logs
+logging.getLogger("tasks").setLevel(logging.INFO)
+
+
+def _retry_unless_bad_input(task, task_run, state) -> bool:
+    """Retry crashes of the machine or the libraries; bad input or params fail at once."""
+    return not isinstance(state.result(raise_on_failure=False), PipelineError)
+
+
+@task(cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_bad_input)
+def run_step(project: DvcProject, step: Step, settings: Settings, parent) -> str:
+    """One dvc.yaml stage: skipped if up to date, else restored from the run-cache, else run."""
+    outcome = project.run(step.stage, lambda: step.call(settings, parent))
+    get_run_logger().info("%s: %s", step.stage, outcome.value)
+    return outcome.value
+
+
+@contextlib.contextmanager
+def one_run_at_a_time(root: Path):
+    """Stages write to fixed paths in the workspace, so concurrent runs of one project queue."""
+    (root / LOCK_FILE).parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(root / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        get_run_logger().info("another self-training run holds %s; waiting for it", LOCK_FILE)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@flow(name=FLOW_NAME, log_prints=True)
+def self_training(
+    overrides: dict[str, Any] | None = None, project_dir: str = "."
+) -> dict[str, Any]:
+    """Run the Noisy Student loop of the DVC project at ``project_dir``.
+
+    ``overrides``: params.yaml values for this run only, as dotted keys
+    (``{"pseudo_label.threshold": 0.9, "students.1.epochs": 30}``), validated like params.yaml.
+    """
+    logger = get_run_logger()
+    root = Path(project_dir).resolve()
+    overrides = overrides or {}
+    project = DvcProject(root)
+    settings = load_settings(root / PARAMS_FILE, overrides)  # bad values fail before any work
+    steps = plan(settings)
+    run_name = flow_run.name or FLOW_NAME
+    run_tags = {
+        "prefect.flow_run_id": str(flow_run.id or ""),
+        "prefect.flow_run_name": run_name,
+        "prefect.deployment": deployment.name or "",
+    }
+    if overrides:
+        logger.info("overrides for this run: %s", json.dumps(overrides))
+
+    with (
+        one_run_at_a_time(root),
+        contextlib.chdir(root),  # the stage functions use the project's relative paths
+        params_for_run(root / PARAMS_FILE, overrides),
+    ):
+        parent = tracking.start_parent_run(
+            settings.mlflow,
+            run_name,
+            {**run_tags, "stage": "flow", "overrides": json.dumps(overrides)},
+            settings.model_dump(),
+        )
+        progress = create_progress_artifact(0.0, description="stages finished")
+        outcomes: dict[str, str] = {}
+        metrics: dict[str, float] = {}
+        finished = False
+        try:
+            for done, step in enumerate(steps, start=1):
+                outcomes[step.stage] = run_step.with_options(
+                    task_run_name=step.label,
+                    retries=settings.flow.retries,
+                    retry_delay_seconds=settings.flow.retry_delay_seconds,
+                )(project, step, settings, parent)
+                update_progress_artifact(progress, 100.0 * done / len(steps))
+            rows = round_table(settings)
+            metrics = parent_metrics(rows)
+            finished = True
+        finally:
+            tracking.end_parent_run(settings.mlflow, parent, metrics, failed=not finished)
+        experiment = project.save_experiment(run_name, f"self-training flow run {run_name}")
+        create_table_artifact(
+            rows,
+            key="self-training-rounds",
+            description="Test accuracy and pseudo-labels per round",
+        )
+        create_markdown_artifact(
+            runs_markdown(settings, parent, steps, outcomes, overrides, experiment),
+            key="self-training-runs",
+            description="MLflow runs, stage outcomes, DVC experiment, effective params",
+        )
+    return {"outcomes": outcomes, "rounds": rows, "mlflow_run_id": parent.run_id}
+
+
+def round_table(settings: Settings) -> list[dict[str, Any]]:
+    """Per model: test accuracy (metrics.json) and the pseudo-labels it was trained on."""
+    accuracy = json.loads(METRICS_FILE.read_text())
+    rows = []
+    for round_, name in enumerate(settings.model_names()):
+        row: dict[str, Any] = {
+            "round": round_,
+            "model": name,
+            "architecture": load_card(MODELS_DIR / name).model,
+            "test_accuracy": round(accuracy[name]["test_accuracy"], 4),
+            "pseudo_labels_kept": None,
+        }
+        summary_file = PSEUDO_DIR / f"{name}.json"
+        if round_ > 0 and summary_file.exists():
+            summary = json.loads(summary_file.read_text())
+            row["pseudo_labels_kept"] = summary["kept"]
+            row.update({f"kept {c}": n for c, n in summary["kept_per_class"].items()})
+        rows.append(row)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return [{key: row.get(key) for key in columns} for row in rows]  # the same columns in each
+
+
+def parent_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for row in rows:
+        metrics[f"test_accuracy/{row['model']}"] = row["test_accuracy"]
+        if row["pseudo_labels_kept"] is not None:
+            metrics[f"pseudo_labels_kept/{row['model']}"] = float(row["pseudo_labels_kept"])
+    final = rows[-1]["test_accuracy"]
+    metrics["test_accuracy"] = final
+    metrics["gain_over_teacher"] = final - rows[0]["test_accuracy"]
+    return metrics
+
+
+def runs_markdown(
+    settings: Settings,
+    parent: tracking.ParentRun,
+    steps: list[Step],
+    outcomes: dict[str, str],
+    overrides: dict[str, Any],
+    experiment: str | None,
+) -> str:
+    cfg = settings.mlflow
+    lines = [
+        f"# Self-training run `{parent.tags.get('prefect.flow_run_name', '')}`",
+        "",
+        f"MLflow parent run: [{parent.run_id}]({tracking.run_url(cfg, parent.run_id)}) "
+        f"(experiment `{cfg.experiment}`; `make ui` serves {cfg.ui_url})",
+        "",
+        "| stage | outcome | MLflow run of the model it wrote |",
+        "|---|---|---|",
+    ]
+    for step in steps:
+        link = ""
+        if step.model is not None:
+            run_id = load_card(MODELS_DIR / step.model).mlflow_run_id
+            if run_id:
+                link = f"[{step.model}]({tracking.run_url(cfg, run_id)})"
+                if outcomes[step.stage] != Outcome.RAN.value:
+                    link += " (from an earlier run)"
+        lines.append(f"| {step.stage} | {outcomes[step.stage]} | {link} |")
+    lines += ["", "DVC experiment: " + (f"`{experiment}`" if experiment else "not saved")]
+    lines += ["", "Overrides of params.yaml for this run: " + (f"`{json.dumps(overrides)}`")]
+    effective = yaml.safe_dump(settings.model_dump(), sort_keys=False)
+    lines += ["", "Effective params:", "", "```yaml", effective.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Run the self-training flow once, in this process.")
+    p.add_argument("--overrides", default="{}", help="JSON: dotted params.yaml keys to values")
+    p.add_argument("--project-dir", default=".")
+    args = p.parse_args()
+    logging.basicConfig(format="%(message)s")  # the stages' lines on this terminal too
+    try:
+        overrides = json.loads(args.overrides)
+    except json.JSONDecodeError as exc:
+        sys.exit(f"error: --overrides is not valid JSON ({exc})")
+    if not isinstance(overrides, dict):
+        sys.exit('error: --overrides must be a JSON object, e.g. {"pseudo_label.threshold": 0.9}')
+    state = self_training(overrides, args.project_dir, return_state=True)
+    if not state.is_completed():
+        exc = state.result(raise_on_failure=False)
+        sys.exit(f"error: {exc}" if isinstance(exc, PipelineError) else f"flow run {state.name}")
+
+
+if __name__ == "__main__":
+    main()

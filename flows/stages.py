@@ -1,0 +1,58 @@
+"""The loop as a list of steps, each a dvc.yaml stage bound to the stage function its command calls.
+
+tests/test_flow.py checks this list against the DAG DVC reads from dvc.yaml (same stages, every
+dependency before its dependents), so the flow and `dvc repro` cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tasks.settings import Settings
+from tasks.tracking import ParentRun
+
+
+@dataclass(frozen=True)
+class Step:
+    stage: str  # the stage's name in dvc.yaml (foreach rounds: pseudo_label@0, ...)
+    label: str  # what the Prefect UI shows
+    call: Callable[[Settings, ParentRun | None], Any]
+    model: str | None = None  # the model a training step writes
+
+
+def plan(settings: Settings) -> list[Step]:
+    # modules are looked up when a step runs, not bound here, so every call goes to the function
+    # dvc.yaml's command calls today
+    from tasks import augment, evaluate, prepare, pseudo_label, train
+
+    steps = [
+        Step("prepare", "prepare", lambda s, parent: prepare.prepare(s)),
+        Step("augment", "augment", lambda s, parent: augment.augment(s)),
+        Step(
+            "train_teacher",
+            "train teacher",
+            lambda s, parent: train.train(s, "teacher", parent=parent),
+            model="teacher",
+        ),
+    ]
+    for index, student in enumerate(settings.students):
+        name = student.name
+        steps.append(
+            Step(
+                f"pseudo_label@{index}",
+                f"pseudo-label for {name}",
+                lambda s, parent, name=name: pseudo_label.pseudo_label(s, name),
+            )
+        )
+        steps.append(
+            Step(
+                f"train_student@{index}",
+                f"train {name}",
+                lambda s, parent, name=name: train.train(s, name, parent=parent),
+                model=name,
+            )
+        )
+    steps.append(Step("evaluate", "evaluate", lambda s, parent: evaluate.evaluate(s)))
+    return steps
