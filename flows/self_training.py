@@ -33,7 +33,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import deployment, flow_run
 
 from flows.dvc_project import DvcProject, Outcome, params_for_run
-from flows.stages import Step, plan
+from flows.stages import Step, check_against_dag, plan
 from tasks import tracking
 from tasks.errors import PipelineError
 from tasks.evaluate import METRICS_FILE
@@ -89,8 +89,6 @@ def self_training(
     root = Path(project_dir).resolve()
     overrides = overrides or {}
     project = DvcProject(root)
-    settings = load_settings(root / PARAMS_FILE, overrides)  # bad values fail before any work
-    steps = plan(settings)
     run_name = flow_run.name or FLOW_NAME
     run_tags = {
         "prefect.flow_run_id": str(flow_run.id or ""),
@@ -100,11 +98,28 @@ def self_training(
     if overrides:
         logger.info("overrides for this run: %s", json.dumps(overrides))
 
+    with one_run_at_a_time(root):
+        # read under the lock: a run with overrides holds them in params.yaml until it ends
+        settings = load_settings(root / PARAMS_FILE, overrides)  # bad values fail before any work
+        steps = plan(settings)
+        summary = run_steps(project, root, steps, settings, overrides, run_name, run_tags)
+    return summary
+
+
+def run_steps(
+    project: DvcProject,
+    root: Path,
+    steps: list[Step],
+    settings: Settings,
+    overrides: dict[str, Any],
+    run_name: str,
+    run_tags: dict[str, str],
+) -> dict[str, Any]:
     with (
-        one_run_at_a_time(root),
         contextlib.chdir(root),  # the stage functions use the project's relative paths
         params_for_run(root / PARAMS_FILE, overrides),
     ):
+        check_against_dag(steps, *project.dag())  # as DVC reads dvc.yaml with these params
         parent = tracking.start_parent_run(
             settings.mlflow,
             run_name,
@@ -203,8 +218,17 @@ def runs_markdown(
                 if outcomes[step.stage] != Outcome.RAN.value:
                     link += " (from an earlier run)"
         lines.append(f"| {step.stage} | {outcomes[step.stage]} | {link} |")
-    lines += ["", "DVC experiment: " + (f"`{experiment}`" if experiment else "not saved")]
-    lines += ["", "Overrides of params.yaml for this run: " + (f"`{json.dumps(overrides)}`")]
+    run_name = parent.tags.get("prefect.flow_run_name", "")
+    if experiment:
+        lines += [
+            "",
+            f"DVC experiment `{run_name}` ({experiment[:7]}): `dvc exp show`, "
+            f"`dvc exp diff <other-run> {run_name}`, `dvc diff <other-run> {run_name}`, "
+            f"`dvc exp apply {run_name}`",
+        ]
+    else:
+        lines += ["", "Not saved as a DVC experiment (see the run's logs for why)."]
+    lines += ["", f"Overrides of params.yaml for this run: `{json.dumps(overrides)}`"]
     effective = yaml.safe_dump(settings.model_dump(), sort_keys=False)
     lines += ["", "Effective params:", "", "```yaml", effective.rstrip(), "```", ""]
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.errors import PipelineError
 from tasks.settings import Settings
 from tasks.tracking import ParentRun
 
@@ -56,3 +57,21 @@ def plan(settings: Settings) -> list[Step]:
         )
     steps.append(Step("evaluate", "evaluate", lambda s, parent: evaluate.evaluate(s)))
     return steps
+
+
+def check_against_dag(steps: list[Step], names: list[str], edges: list[tuple[str, str]]) -> None:
+    """The steps must be dvc.yaml's stages, each after the stages it depends on."""
+    planned = [step.stage for step in steps]
+    missing = sorted(set(names) - set(planned))
+    unknown = sorted(set(planned) - set(names))
+    if missing or unknown:
+        raise PipelineError(
+            "dvc.yaml and the flow (flows/stages.py) disagree: "
+            f"stages only in dvc.yaml: {missing or 'none'}; only in the flow: {unknown or 'none'}"
+        )
+    position = {stage: i for i, stage in enumerate(planned)}
+    for upstream, downstream in edges:
+        if position[upstream] > position[downstream]:
+            raise PipelineError(
+                f"the flow runs {downstream} before {upstream}, which it depends on"
+            )

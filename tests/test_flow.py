@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import load_params, make_project, run, shrink, venv_env
+from conftest import ROOT, load_params, make_project, run, shrink, venv_env
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.deployments import run_deployment
@@ -23,7 +23,7 @@ from prefect.testing.utilities import prefect_test_harness
 import tasks.train
 from flows.dvc_project import DvcProject, params_for_run
 from flows.self_training import self_training
-from flows.stages import plan
+from flows.stages import check_against_dag, plan
 from tasks.errors import PipelineError
 from tasks.settings import load_settings
 
@@ -58,6 +58,16 @@ def test_flow_follows_the_dvc_dag(tmp_path):
     assert edges, "dvc.yaml's stages depend on each other"
     for upstream, downstream in edges:
         assert position[upstream] < position[downstream], (upstream, downstream)
+
+
+def test_a_flow_that_drifted_from_dvc_yaml_is_refused():
+    steps = plan(load_settings(ROOT / "params.yaml"))
+    names = [step.stage for step in steps]
+    check_against_dag(steps, names, [("prepare", "augment")])
+    with pytest.raises(PipelineError, match=r"only in dvc.yaml: \['report'\]"):
+        check_against_dag(steps, [*names, "report"], [])
+    with pytest.raises(PipelineError, match="runs prepare before augment"):
+        check_against_dag(steps, names, [("augment", "prepare")])
 
 
 def test_not_a_dvc_project_is_a_clear_error(tmp_path):
