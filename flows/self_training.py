@@ -99,8 +99,10 @@ def self_training(
         logger.info("overrides for this run: %s", json.dumps(overrides))
 
     with one_run_at_a_time(root):
-        # read under the lock: a run with overrides holds them in params.yaml until it ends
-        settings = load_settings(root / PARAMS_FILE, overrides)  # bad values fail before any work
+        # read under the lock: a run with overrides holds them in params.yaml until it ends;
+        # in the project folder, where its relative paths (a weights file) point
+        with contextlib.chdir(root):
+            settings = load_settings(PARAMS_FILE, overrides)  # bad values fail before any work
         steps = plan(settings)
         summary = run_steps(project, root, steps, settings, overrides, run_name, run_tags)
     return summary

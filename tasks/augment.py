@@ -74,6 +74,36 @@ def load_policy(name: str, seed: int, folder: Path = AUGMENT_DIR) -> A.Compose:
     return seed_policy(A.load(folder / f"{name}.json"), seed)
 
 
+def randaugment(num_ops: int, magnitude: int, image_size: int):
+    """timm's RandAugment: ``num_ops`` ops drawn at random per image, each at ``magnitude`` (0-10).
+
+    Every drawn op is applied (``p1.0``) at exactly that magnitude (``mstd0``): the notes' two
+    knobs, nothing searched. Albumentations 2 has no RandAugment, so this one is timm's."""
+    from timm.data import rand_augment_transform
+
+    hparams = {"translate_const": int(image_size * 0.45), "img_mean": (0, 0, 0)}
+    return rand_augment_transform(f"rand-m{magnitude}-n{num_ops}-mstd0-p1.0", hparams)
+
+
+class TrainTransform:
+    """RandAugment (timm, on PIL images) then the albumentations policy, numpy in and out.
+
+    RandAugment comes first so that the policy's erasing stays the last op (as in timm's
+    training transforms). RandAugment draws from Python's and NumPy's global generators, which
+    PyTorch seeds per DataLoader worker; the policy keeps its own (``seed_policy``)."""
+
+    def __init__(self, policy: A.Compose, randaugment=None) -> None:
+        self.policy = policy
+        self.randaugment = randaugment
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if self.randaugment is not None:
+            from PIL import Image
+
+            image = np.asarray(self.randaugment(Image.fromarray(image)))
+        return self.policy(image=image)["image"]
+
+
 def preview_grid(images: np.ndarray, policies: dict[str, A.Compose], samples: int, path: Path):
     """Rows: images. Columns: the original, then ``samples`` draws of each policy."""
     import matplotlib

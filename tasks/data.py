@@ -56,31 +56,54 @@ def load_split(name: str, root: Path = PREPARED_DIR) -> Split:
 
 
 class ImageDataset(Dataset):
-    """Images (optionally augmented by an albumentations policy) with integer targets."""
+    """Images ``images[indices]`` as uint8 CHW tensors, optionally augmented (``TrainTransform``).
+
+    uint8 crosses the loader (a quarter of float32's bytes); normalization happens on the device."""
 
     def __init__(
-        self,
-        images: np.ndarray,
-        targets: np.ndarray,
-        transform: Any | None = None,
-        indices: np.ndarray | None = None,
+        self, images: np.ndarray, transform: Any | None = None, indices: np.ndarray | None = None
     ) -> None:
         self.images = images
-        self.targets = targets
         self.transform = transform
-        self.indices = np.arange(len(images)) if indices is None else indices
+        self.indices = np.arange(len(images)) if indices is None else np.asarray(indices)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        j = int(self.indices[i])
-        image = np.asarray(self.images[j])
+    def image(self, i: int) -> torch.Tensor:
+        image = np.asarray(self.images[int(self.indices[i])])
         if self.transform is not None:
-            image = self.transform(image=image)["image"]
-        # uint8 CHW: a quarter of float32's bytes through the loader; normalized on the device
-        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        return tensor, int(self.targets[j])
+            image = self.transform(image)
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.image(i)
+
+
+class TrainingImages(ImageDataset):
+    """Training items: (image, target distribution, distillation weight).
+
+    ``targets[i]`` (float32, one row per item) is what the cross-entropy term pulls the model
+    towards, already scaled by that term's weight; ``kd_weights[i]`` is the weight of the
+    distillation term (0 without a teacher). Both mix linearly under MixUp/CutMix
+    (tasks/mixing.py), so the trainer needs to know nothing about where an item came from."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        indices: np.ndarray,
+        targets: np.ndarray,
+        kd_weights: np.ndarray,
+        transform: Any | None = None,
+    ) -> None:
+        super().__init__(images, transform, indices)
+        if not len(targets) == len(kd_weights) == len(self.indices):
+            raise ValueError("one target row and one distillation weight per item")
+        self.targets = torch.from_numpy(np.asarray(targets, dtype=np.float32))
+        self.kd_weights = torch.from_numpy(np.asarray(kd_weights, dtype=np.float32))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.image(i), self.targets[i], self.kd_weights[i]
 
 
 def _reseed_worker(worker_id: int) -> None:
@@ -91,7 +114,7 @@ def _reseed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     for dataset in _datasets(info.dataset):
         if dataset.transform is not None:
-            seed_policy(dataset.transform, seed)
+            seed_policy(dataset.transform.policy, seed)
 
 
 def _datasets(dataset: Dataset) -> list[ImageDataset]:

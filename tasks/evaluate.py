@@ -15,7 +15,7 @@ from tasks import cli, tracking
 from tasks.atomic import write_text
 from tasks.data import PREPARED_DIR, load_split
 from tasks.inference import EVAL_BATCH_SIZE, accuracy, eval_loader
-from tasks.models import MODELS_DIR, load_for_inference, resolve_device
+from tasks.models import MODELS_DIR, Classifier, load_checkpoint, resolve_device
 from tasks.pseudo_label import PSEUDO_DIR
 from tasks.settings import Settings
 
@@ -61,13 +61,22 @@ def evaluate(
     loader = eval_loader(test.images, EVAL_BATCH_SIZE, settings.runtime, device)
     metrics: dict = {}
     for name in settings.model_names():
-        model, normalize, card = load_for_inference(models_dir / name, device)
-        acc = accuracy(model, normalize, loader, test.labels, device, settings.runtime)
+        classifier, card = load_checkpoint(models_dir / name, device)
+        acc = accuracy(classifier, loader, test.labels, device, settings.runtime)
         metrics[name] = {"test_accuracy": acc, "model": card.model}
         tracking.log_test_accuracy(settings.mlflow, card.mlflow_run_id, acc)
+        if len(card.members) > 1:  # an ensemble: how each member does alone
+            for k, (net, member) in enumerate(zip(classifier.nets, card.members, strict=True)):
+                alone = Classifier([net], [member.mean], [member.std])
+                member_acc = accuracy(alone, loader, test.labels, device, settings.runtime)
+                metrics[name][f"member_{k}_test_accuracy"] = member_acc
+                tracking.log_test_accuracy(settings.mlflow, member.mlflow_run_id, member_acc)
     table = comparison_table(settings, metrics, pseudo_dir)
     # metrics.json holds numbers only, so `dvc metrics diff` compares every entry
-    numbers = {name: {"test_accuracy": m["test_accuracy"]} for name, m in metrics.items()}
+    numbers = {
+        name: {k: v for k, v in m.items() if k.endswith("test_accuracy")}
+        for name, m in metrics.items()
+    }
     write_text(metrics_file, json.dumps(numbers, indent=2) + "\n")
     write_text(comparison_file, f"# Test accuracy per round ({len(test)} test images)\n\n{table}")
     log.info("\n%s", table)

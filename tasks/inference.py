@@ -25,7 +25,7 @@ def autocast(device: torch.device, runtime: RuntimeSettings):
 def eval_loader(
     images: np.ndarray, batch_size: int, runtime: RuntimeSettings, device
 ) -> DataLoader:
-    dataset = ImageDataset(images, np.zeros(len(images), dtype=np.int64))
+    dataset = ImageDataset(images)
     return make_loader(
         dataset,
         batch_size,
@@ -38,32 +38,33 @@ def eval_loader(
 
 @torch.inference_mode()
 def iter_probabilities(
-    model: torch.nn.Module,
-    normalize: torch.nn.Module,
+    classifier: torch.nn.Module,
     loader: DataLoader,
     device: torch.device,
     runtime: RuntimeSettings,
 ) -> Iterator[torch.Tensor]:
-    """Softmax probabilities (float32, on the CPU) batch by batch, so a pool of any size streams."""
-    model.eval()
+    """Softmax probabilities (float32, on the CPU) batch by batch, so a pool of any size streams.
+
+    ``classifier`` takes pixels 0..255 (tasks.models.Classifier); an ensemble's probabilities are
+    its members' average."""
+    classifier.eval()
     memory_format = device_memory_format(device, runtime)
-    for images, _ in loader:
-        x = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+    for images in loader:
+        x = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         with autocast(device, runtime):
-            logits = model(x)
+            logits = classifier(x)
         yield torch.softmax(logits.float(), dim=1).cpu()
 
 
 def accuracy(
-    model: torch.nn.Module,
-    normalize: torch.nn.Module,
+    classifier: torch.nn.Module,
     loader: DataLoader,
     labels: np.ndarray,
     device: torch.device,
     runtime: RuntimeSettings,
 ) -> float:
     predictions = torch.cat(
-        [p.argmax(1) for p in iter_probabilities(model, normalize, loader, device, runtime)]
+        [p.argmax(1) for p in iter_probabilities(classifier, loader, device, runtime)]
     )
     return float((predictions.numpy() == labels).mean())
 

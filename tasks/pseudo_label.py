@@ -3,9 +3,15 @@
     python -m tasks.pseudo_label student_1     # labels for student_1, made by its teacher
 
 Writes ``pseudo_labels/<student>.csv``, one row per pool image: ``id``, ``pred`` (class index),
-``pred_class``, ``confidence``, ``kept`` (confidence >= pseudo_label.threshold) and ``p_<class>``,
-the full probability vector; plus ``pseudo_labels/<student>.json``, a summary that reports the
-accuracy of the kept labels when the pool's truth is known (the demo).
+``pred_class``, ``confidence``, ``kept`` (in the student's training set), ``copies`` (how many
+times: more than 1 where class balancing duplicates a rare class) and ``p_<class>``, the teacher's
+full probability vector (an ensemble's average); plus ``pseudo_labels/<student>.json``, a summary
+with the counts per class and, when the pool's truth is known (the demo), the accuracy of the kept
+labels.
+
+Selection, as in the original Noisy Student: rows below ``pseudo_label.threshold`` are dropped;
+with ``balance`` every class then contributes ``per_class`` training images: the most confident
+ones where a class has more, each kept image repeated where it has fewer.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +32,12 @@ from tasks.atomic import atomic_path
 from tasks.data import PREPARED_DIR, UNKNOWN, Split, load_split
 from tasks.errors import PipelineError
 from tasks.inference import eval_loader, iter_probabilities
-from tasks.models import MODELS_DIR, load_for_inference, resolve_device
-from tasks.settings import Settings
+from tasks.models import MODELS_DIR, load_checkpoint, resolve_device
+from tasks.settings import PseudoLabelSettings, Settings
 
 log = logging.getLogger(__name__)
 PSEUDO_DIR = Path("pseudo_labels")
+CHUNK_ROWS = 50_000  # rows per pass when the table is rewritten with its `copies` column
 
 
 def label_rows(
@@ -49,16 +57,56 @@ def label_rows(
     return pd.concat([table, columns], axis=1)
 
 
-def summarize(table: pd.DataFrame, pool: Split, classes: list[str], threshold: float) -> dict:
-    kept = table["kept"].to_numpy()
+def balance_copies(
+    pred: np.ndarray, confidence: np.ndarray, passed: np.ndarray, num_classes: int, per_class: int
+) -> np.ndarray:
+    """Copies per row so that every class with a row that ``passed`` gets exactly ``per_class``.
+
+    Too many rows: the ``per_class`` most confident, once each. Too few: every row
+    ``per_class // n`` times, the ``per_class % n`` most confident once more."""
+    copies = np.zeros(len(pred), dtype=np.int64)
+    for c in range(num_classes):
+        rows = np.flatnonzero(passed & (pred == c))
+        if len(rows) == 0:
+            continue
+        ranked = rows[np.argsort(-confidence[rows], kind="stable")]
+        if len(ranked) >= per_class:
+            copies[ranked[:per_class]] = 1
+        else:
+            copies[ranked] = per_class // len(ranked)
+            copies[ranked[: per_class % len(ranked)]] += 1
+    return copies
+
+
+def select(pred: np.ndarray, confidence: np.ndarray, cfg: PseudoLabelSettings, num_classes: int):
+    """Copies per row: 0/1 by the threshold, then balanced if ``cfg.balance``."""
+    passed = confidence >= cfg.threshold
+    if not cfg.balance:
+        return passed.astype(np.int64)
+    per_class = cfg.per_class or max(1, round(int(passed.sum()) / num_classes))
+    return balance_copies(pred, confidence, passed, num_classes, per_class)
+
+
+def summarize(
+    table: pd.DataFrame, pool: Split, classes: list[str], cfg: PseudoLabelSettings
+) -> dict:
+    """``table`` needs the columns ``pred``, ``confidence`` and ``copies``."""
+    copies = table["copies"].to_numpy()
+    kept = copies > 0
     pred = table["pred"].to_numpy()
     counts = np.bincount(pred[kept], minlength=len(classes))
+    trained = np.bincount(pred, weights=copies, minlength=len(classes)).astype(int)
+    passed = table["confidence"].to_numpy() >= cfg.threshold
     summary: dict = {
-        "threshold": threshold,
+        "threshold": cfg.threshold,
+        "balance": cfg.balance,
         "pool_images": int(len(table)),
+        "above_threshold": int(passed.sum()),
         "kept": int(kept.sum()),
         "kept_fraction": float(kept.mean()),
+        "trained_images": int(copies.sum()),
         "kept_per_class": {c: int(n) for c, n in zip(classes, counts, strict=True)},
+        "trained_per_class": {c: int(n) for c, n in zip(classes, trained, strict=True)},
     }
     if (pool.true_labels != UNKNOWN).all():
         correct = pred == pool.true_labels
@@ -79,7 +127,7 @@ def pseudo_label(
     teacher = settings.student(student).teacher
     cfg = settings.pseudo_label
     device = resolve_device(settings.runtime)
-    model, normalize, card = load_for_inference(models_dir / teacher, device)
+    classifier, card = load_checkpoint(models_dir / teacher, device)
     pool = load_split("unlabeled", data_dir)
     if len(pool) == 0:
         raise PipelineError(f"{data_dir}/unlabeled: the unlabeled pool is empty")
@@ -87,56 +135,104 @@ def pseudo_label(
     log.info("%s labels %d pool images for %s", teacher, len(pool), student)
 
     chunks = []
-    with (
-        atomic_path(out_dir / f"{student}.csv") as tmp,
-        tqdm(
+    with atomic_path(out_dir / f"{student}.csv") as tmp:
+        rows_file = tmp.with_name("rows.csv")
+        with tqdm(
             total=len(pool),
             desc=f"pseudo-label ({teacher})",
             unit="img",
             disable=not sys.stderr.isatty(),
-        ) as bar,
-    ):
-        start = 0
-        for i, probs in enumerate(
-            iter_probabilities(model, normalize, loader, device, settings.runtime)
-        ):
-            rows = label_rows(
-                probs, pool.ids[start : start + len(probs)], card.classes, cfg.threshold
-            )
-            # streamed to disk batch by batch; only the small columns stay in memory
-            rows.to_csv(tmp, mode="a", header=i == 0, index=False, float_format="%.6g")
-            chunks.append(rows[["pred", "confidence", "kept"]])
-            start += len(probs)
-            bar.update(len(probs))
+        ) as bar:
+            start = 0
+            for i, probs in enumerate(
+                iter_probabilities(classifier, loader, device, settings.runtime)
+            ):
+                rows = label_rows(
+                    probs, pool.ids[start : start + len(probs)], card.classes, cfg.threshold
+                )
+                # streamed to disk batch by batch; only the small columns stay in memory
+                rows.to_csv(rows_file, mode="a", header=i == 0, index=False, float_format="%.6g")
+                chunks.append(rows[["pred", "confidence"]])
+                start += len(probs)
+                bar.update(len(probs))
         table = pd.concat(chunks, ignore_index=True)
-        summary = summarize(table, pool, card.classes, cfg.threshold)
-        if summary["kept"] == 0:
+        if not (table["confidence"] >= cfg.threshold).any():
             raise PipelineError(
                 f"pseudo_label.threshold={cfg.threshold} keeps none of {len(pool)} pool images "
                 f"(highest confidence {table['confidence'].max():.3f}); lower the threshold"
             )
+        table["copies"] = select(
+            table["pred"].to_numpy(), table["confidence"].to_numpy(), cfg, len(card.classes)
+        )
+        write_with_copies(rows_file, tmp, table["copies"].to_numpy())
+        summary = summarize(table, pool, card.classes, cfg)
     with atomic_path(out_dir / f"{student}.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     accuracy = summary.get("kept_accuracy")
     log.info(
-        "kept %d/%d pseudo-labels (%.1f%%)%s",
+        "kept %d/%d pseudo-labels (%.1f%%)%s; %d training images after selection",
         summary["kept"],
         summary["pool_images"],
         100 * summary["kept_fraction"],
         f", {100 * accuracy:.1f}% of them correct" if accuracy is not None else "",
+        summary["trained_images"],
     )
     return summary
 
 
-def load_kept(path: Path, pool: Split) -> tuple[np.ndarray, np.ndarray]:
-    """Pool indices and hard labels of the kept rows of a pseudo-label table."""
+def write_with_copies(rows_file: Path, out: Path, copies: np.ndarray) -> None:
+    """Rewrite the streamed rows with ``kept``/``copies`` set from the selection, chunk by chunk
+    (balancing needs every row's confidence first; the table itself may not fit in memory)."""
+    start = 0
+    reader = pd.read_csv(rows_file, dtype={"id": str}, chunksize=CHUNK_ROWS)
+    for i, chunk in enumerate(reader):
+        part = copies[start : start + len(chunk)]
+        chunk["kept"] = part > 0
+        chunk.insert(chunk.columns.get_loc("kept") + 1, "copies", part)
+        chunk.to_csv(out, mode="a", header=i == 0, index=False, float_format="%.6g")
+        start += len(chunk)
+    rows_file.unlink()
+
+
+@dataclass(frozen=True)
+class PseudoLabels:
+    """The student's share of the pool: one entry per training copy."""
+
+    indices: np.ndarray  # pool row of each copy
+    hard: np.ndarray  # the teacher's class
+    probs: np.ndarray  # the teacher's distribution (float32, copies x classes)
+
+
+def load_pseudo_labels(path: Path, pool: Split, classes: list[str]) -> PseudoLabels:
+    """The kept rows of a pseudo-label table, each repeated ``copies`` times (read in chunks:
+    only the kept rows' probabilities are held)."""
     if not path.exists():
         raise PipelineError(f"{path}: not found; run the pseudo_label stage first")
-    table = pd.read_csv(path, usecols=["id", "pred", "kept"], dtype={"id": str})
-    if table["id"].tolist() != pool.ids:
+    columns = [f"p_{c}" for c in classes]
+    header = pd.read_csv(path, nrows=0).columns
+    missing = [c for c in ("id", "pred", "copies", *columns) if c not in header]
+    if missing:
+        raise PipelineError(f"{path}: missing column(s) {missing}; re-run the pseudo_label stage")
+    rows, hard, probs, copies = [], [], [], []
+    start = 0
+    usecols = ["id", "pred", "copies", *columns]
+    for chunk in pd.read_csv(path, usecols=usecols, dtype={"id": str}, chunksize=CHUNK_ROWS):
+        if chunk["id"].tolist() != pool.ids[start : start + len(chunk)]:
+            raise PipelineError(f"{path}: rows do not match the prepared unlabeled pool; re-run it")
+        kept = chunk["copies"].to_numpy(np.int64) > 0
+        rows.append(start + np.flatnonzero(kept))
+        copies.append(chunk["copies"].to_numpy(np.int64)[kept])
+        hard.append(chunk["pred"].to_numpy(np.int64)[kept])
+        probs.append(chunk[columns].to_numpy(np.float32)[kept])
+        start += len(chunk)
+    if start != len(pool):
         raise PipelineError(f"{path}: rows do not match the prepared unlabeled pool; re-run it")
-    kept = table["kept"].to_numpy(bool)
-    return np.flatnonzero(kept), table["pred"].to_numpy(np.int64)[kept]
+    repeat = np.concatenate(copies)
+    return PseudoLabels(
+        indices=np.repeat(np.concatenate(rows), repeat),
+        hard=np.repeat(np.concatenate(hard), repeat),
+        probs=np.repeat(np.concatenate(probs), repeat, axis=0),
+    )
 
 
 def main() -> None:

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from tasks.errors import PipelineError
 
@@ -22,6 +29,19 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+
+
+def known_timm_model(name: str) -> str:
+    import timm  # imported here: timm pulls in torch, which only model users need
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name[:4]}*")[:5]
+        hint = f" (close names: {', '.join(close)})" if close else ""
+        raise ValueError(f"unknown timm model '{name}'{hint}")
+    return name
+
+
+TimmName = Annotated[str, AfterValidator(known_timm_model)]
 
 
 class Strict(BaseModel):
@@ -84,33 +104,56 @@ class RuntimeSettings(Strict):
 
 
 class ModelTraining(Strict):
-    """What the teacher and every student share: a timm model and how to train it."""
+    """One model's full recipe (the teacher's, or a round's student's): which timm network, how it
+    starts (transfer learning), its noise, and how it is optimised."""
 
-    model: str
-    pretrained: bool
+    model: TimmName
+    # false: random init; true: timm's pretrained weights (downloaded); a path: a local weights
+    # file (.safetensors, or a torch file of tensors only) read by timm's own loader
+    pretrained: bool | Annotated[str, Field(min_length=1)]
+    transfer: Literal["finetune", "linear_probe"]
+    backbone_lr_scale: Annotated[float, Field(gt=0.0, le=1.0)]
+    layer_decay: Annotated[float, Field(gt=0.0, le=1.0)]
     drop_rate: Annotated[float, Field(ge=0.0, lt=1.0)]
     drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)]
+    randaugment_n: Annotated[int, Field(ge=0, le=15)]
+    randaugment_m: Annotated[int, Field(ge=0, le=10)]
+    mixup_alpha: NonNegativeFloat
+    mixup_p: Probability
+    cutmix_alpha: NonNegativeFloat
+    cutmix_p: Probability
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)]
     epochs: PositiveInt
     batch_size: PositiveInt
     lr: PositiveFloat
     weight_decay: NonNegativeFloat
     warmup_epochs: NonNegativeInt
 
-    @field_validator("model")
-    @classmethod
-    def _known_timm_model(cls, name: str) -> str:
-        import timm  # imported here: timm pulls in torch, which only model users need
-
-        if not timm.is_model(name):
-            close = timm.list_models(f"*{name[:4]}*")[:5]
-            hint = f" (close names: {', '.join(close)})" if close else ""
-            raise ValueError(f"unknown timm model '{name}'{hint}")
-        return name
-
     @model_validator(mode="after")
-    def _warmup_within_epochs(self) -> ModelTraining:
+    def _consistent(self) -> ModelTraining:
         if self.warmup_epochs >= self.epochs:
             raise ValueError("warmup_epochs must be smaller than epochs")
+        if isinstance(self.pretrained, str) and not Path(self.pretrained).is_file():
+            raise ValueError(f"pretrained: weights file '{self.pretrained}' not found")
+        for kind in ("mixup", "cutmix"):
+            if getattr(self, f"{kind}_p") > 0 and getattr(self, f"{kind}_alpha") <= 0:
+                raise ValueError(f"{kind}_p > 0 needs {kind}_alpha > 0 (the Beta distribution's)")
+        if self.mixup_p + self.cutmix_p > 1:
+            raise ValueError("mixup_p + cutmix_p must not exceed 1 (one mix per batch at most)")
+        return self
+
+
+class TeacherSettings(ModelTraining):
+    # more members of an ensemble teacher (timm names); member k trains with seed + 1000 * k
+    ensemble: list[TimmName]
+
+    @model_validator(mode="after")
+    def _one_file_one_architecture(self) -> TeacherSettings:
+        if isinstance(self.pretrained, str) and any(m != self.model for m in self.ensemble):
+            raise ValueError(
+                "ensemble: a pretrained weights file fits one architecture; "
+                f"every member must be '{self.model}'"
+            )
         return self
 
 
@@ -121,7 +164,19 @@ class StudentSettings(ModelTraining):
 
 class PseudoLabelSettings(Strict):
     threshold: Probability
+    labels: Literal["hard", "soft"]
+    temperature: PositiveFloat  # soft labels: p ** (1 / T), renormalised; < 1 sharpens
+    balance: bool
+    per_class: PositiveInt | None  # balance target; None: the mean kept count per class
     batch_size: PositiveInt
+
+
+class DistillSettings(Strict):
+    """Knowledge distillation of every student from its (frozen) teacher."""
+
+    enabled: bool
+    temperature: PositiveFloat
+    alpha: Probability
 
 
 class MlflowSettings(Strict):
@@ -142,8 +197,9 @@ class Settings(Strict):
     data: DataSettings
     augment: AugmentSettings
     runtime: RuntimeSettings
-    teacher: ModelTraining
+    teacher: TeacherSettings
     pseudo_label: PseudoLabelSettings
+    distill: DistillSettings
     students: Annotated[list[StudentSettings], Field(min_length=1)]
     mlflow: MlflowSettings
     flow: FlowSettings

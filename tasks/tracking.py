@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
 
-from tasks.models import ModelCard, Normalize
+from tasks.models import Classifier, ModelCard
 from tasks.settings import MlflowSettings
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ def training_run(
         run_name=run_name,
         tags={**(parent.tags if parent else {}), **tags},
         parent_run_id=parent.run_id if parent else None,
+        nested=True,  # an ensemble member's run opens inside its model's run
     ) as run:
         mlflow.log_params(flatten(params))
         yield run
@@ -118,24 +119,41 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def log_model(model: torch.nn.Module, card: ModelCard) -> None:
-    """Log a self-contained model: float pixels in 0..255, N x 3 x H x W -> logits.
+def log_model(nets: list[torch.nn.Module], card: ModelCard) -> None:
+    """Log a self-contained model: float pixels in 0..255, N x 3 x H x W -> logits (an
+    ensemble's: the log of its averaged probabilities).
 
     Saved as a torch.export (pt2) program, which loads without unpickling code.
     """
+    import copy
+
     import timm
 
-    wrapped = torch.nn.Sequential(Normalize(card.mean, card.std), model).cpu().eval()
+    classifier = Classifier(
+        [copy.deepcopy(net).cpu() for net in nets],
+        [m.mean for m in card.members],
+        [m.std for m in card.members],
+    ).eval()
     # two images, so torch.export keeps the batch dimension dynamic
     example = np.zeros((2, 3, card.image_size, card.image_size), dtype=np.float32)
     mlflow.pytorch.log_model(
-        wrapped,
+        classifier,
         name="model",
         input_example=example,
         serialization_format="pt2",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"],
         metadata={"classes": card.classes, "image_size": card.image_size},
     )
+
+
+def log_batch_image(batch: torch.Tensor, artifact_file: str = "train_batch.png") -> None:
+    """The first training batch as the model sees it (augmented, mixed), up to 64 images, as a
+    picture in the active run: check that an augmented image still shows its class."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(batch[:64], nrow=8, padding=1).permute(1, 2, 0).numpy()
+    scale = max(1, 256 // batch.shape[-1])  # small images: enlarge, without smoothing
+    mlflow.log_image(np.kron(grid, np.ones((scale, scale, 1), dtype=np.uint8)), artifact_file)
 
 
 def log_test_accuracy(cfg: MlflowSettings, run_id: str | None, value: float) -> None:

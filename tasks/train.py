@@ -6,35 +6,48 @@
 dvc.yaml also passes the round's other settings (``${item}`` unpacks to ``--model ... --lr ...``)
 so that DVC reruns exactly the rounds whose entry changed; they are read from params.yaml, and
 the command-line copies are only checked against it.
+
+The teacher may be an ensemble (``teacher.ensemble``): each member trains in turn, with its own
+seed and MLflow run nested under the teacher's, and all of them are saved as one model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
+import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from tasks import cli, tracking
-from tasks.augment import AUGMENT_DIR, load_policy
-from tasks.data import PREPARED_DIR, UNKNOWN, ImageDataset, Split, load_classes, load_split
+from tasks.augment import AUGMENT_DIR, TrainTransform, load_policy, randaugment, seed_policy
+from tasks.data import PREPARED_DIR, Split, TrainingImages, load_classes, load_split
+from tasks.distill import FrozenTeacher
 from tasks.errors import PipelineError
+from tasks.mixing import one_hot, sharpen
 from tasks.models import (
     MODELS_DIR,
+    Member,
     ModelCard,
     create_model,
+    load_checkpoint,
     normalization,
     resolve_device,
     save_checkpoint,
+    weights_name,
 )
-from tasks.pseudo_label import PSEUDO_DIR, load_kept
+from tasks.pseudo_label import PSEUDO_DIR, load_pseudo_labels
 from tasks.settings import ModelTraining, Settings
 from tasks.trainer import EpochResult, fit, seed_everything
 
 log = logging.getLogger(__name__)
+MEMBER_SEED_STRIDE = 1000  # ensemble member k trains with seed + 1000 * k
 
 
 def round_of(settings: Settings, name: str) -> int:
@@ -42,20 +55,54 @@ def round_of(settings: Settings, name: str) -> int:
     return settings.model_names().index(name)
 
 
-def student_dataset(
-    settings: Settings, name: str, labeled: Split, data_dir: Path, pseudo_dir: Path, policy
-) -> Dataset:
-    """Labeled images plus the kept pseudo-labeled pool images, all under the student's noise."""
-    pool = load_split("unlabeled", data_dir)
-    indices, targets = load_kept(pseudo_dir / f"{name}.csv", pool)
-    pool_targets = np.full(len(pool), UNKNOWN, dtype=np.int64)
-    pool_targets[indices] = targets
-    return ConcatDataset(
-        [
-            ImageDataset(labeled.images, labeled.labels, policy),
-            ImageDataset(pool.images, pool_targets, policy, indices=indices),
-        ]
+def labeled_items(
+    labeled: Split, num_classes: int, spec: ModelTraining, ce_weight: float, kd_weight: float
+) -> TrainingImages:
+    targets = one_hot(labeled.labels, num_classes, spec.label_smoothing) * ce_weight
+    return TrainingImages(
+        labeled.images,
+        np.arange(len(labeled)),
+        targets,
+        np.full(len(labeled), kd_weight, dtype=np.float32),
     )
+
+
+def training_items(
+    settings: Settings,
+    name: str,
+    spec: ModelTraining,
+    classes: list[str],
+    data_dir: Path,
+    pseudo_dir: Path,
+) -> tuple[Dataset, int]:
+    """Items with their targets and distillation weights (see tasks/distill.py), and how many
+    come from the labeled set. The transform is attached by the caller."""
+    labeled = load_split("labeled", data_dir)
+    if name == "teacher":
+        return labeled_items(labeled, len(classes), spec, 1.0, 0.0), len(labeled)
+    kd = settings.distill
+    alpha = kd.alpha if kd.enabled else 0.0
+    pool = load_split("unlabeled", data_dir)
+    pseudo = load_pseudo_labels(pseudo_dir / f"{name}.csv", pool, classes)
+    if settings.pseudo_label.labels == "hard":
+        pool_targets = one_hot(pseudo.hard, len(classes), spec.label_smoothing)
+    else:
+        pool_targets = sharpen(pseudo.probs, settings.pseudo_label.temperature)
+    # distillation on: the pool learns from the teacher's soft output alone (KL term, weight 1)
+    pool_ce, pool_kd = (0.0, 1.0) if kd.enabled else (1.0, 0.0)
+    pool_items = TrainingImages(
+        pool.images,
+        pseudo.indices,
+        pool_targets * pool_ce,
+        np.full(len(pseudo.indices), pool_kd, dtype=np.float32),
+    )
+    labeled_part = labeled_items(labeled, len(classes), spec, 1.0 - alpha, alpha)
+    return ConcatDataset([labeled_part, pool_items]), len(labeled)
+
+
+def attach_transform(dataset: Dataset, transform: TrainTransform) -> None:
+    for part in getattr(dataset, "datasets", [dataset]):
+        part.transform = transform
 
 
 def train(
@@ -79,20 +126,17 @@ def train(
     spec: ModelTraining = settings.teacher if round_ == 0 else settings.student(name)
     role = "teacher" if round_ == 0 else "student"
     seed = settings.seed + round_
-    seed_everything(seed)
+    architectures = [spec.model, *(settings.teacher.ensemble if round_ == 0 else [])]
 
     classes = load_classes(data_dir)
-    labeled = load_split("labeled", data_dir)
     val = load_split("val", data_dir)
-    policy = load_policy(role, seed, augment_dir)
-    if round_ == 0:
-        train_set: Dataset = ImageDataset(labeled.images, labeled.labels, policy)
-    else:
-        train_set = student_dataset(settings, name, labeled, data_dir, pseudo_dir, policy)
-
+    train_set, labeled_count = training_items(settings, name, spec, classes, data_dir, pseudo_dir)
     device = resolve_device(settings.runtime)
-    model = create_model(spec, len(classes))
-    mean, std = normalization(model)
+    teacher = None
+    if round_ > 0 and settings.distill.enabled:
+        teacher_model, _ = load_checkpoint(models_dir / settings.student(name).teacher)
+        teacher = FrozenTeacher(teacher_model, settings.distill.temperature)
+
     params = {
         "seed": seed,
         "model": spec.model_dump(),
@@ -100,42 +144,110 @@ def train(
         "augment": getattr(settings.augment, role).model_dump(),
         "runtime": settings.runtime.model_dump(),
         "train_images": len(train_set),
-        "labeled_images": len(labeled),
+        "labeled_images": labeled_count,
     }
     if round_ > 0:
         params["pseudo_label"] = settings.pseudo_label.model_dump()
-        params["pseudo_labeled_images"] = len(train_set) - len(labeled)
+        params["distill"] = settings.distill.model_dump()
+        params["pseudo_labeled_images"] = len(train_set) - labeled_count
     tags = {"stage": role, "round": str(round_), "model_name": name}
-    log.info("training %s (%s) on %d images on %s", name, spec.model, len(train_set), device.type)
+    log.info(
+        "training %s (%s) on %d images on %s", name, "+".join(architectures), len(train_set), device
+    )
+    fit_member = functools.partial(
+        train_member,
+        settings,
+        spec,
+        train_set=train_set,
+        val=val,
+        classes=classes,
+        policy=load_policy(role, seed, augment_dir),
+        device=device,
+        teacher=teacher,
+    )
+    nets, members, history, rows = [], [], [], []
     with tracking.training_run(settings.mlflow, name, tags, params, parent) as run:
-
-        def on_epoch(result: EpochResult) -> None:
-            mlflow.log_metrics(
-                {
-                    "train_loss": result.train_loss,
-                    "val_accuracy": result.val_accuracy,
-                    "epoch_seconds": result.seconds,
-                },
-                step=result.epoch,
+        for k, architecture in enumerate(architectures):
+            member_seed = seed + MEMBER_SEED_STRIDE * k
+            label = name if len(architectures) == 1 else f"{name}.member_{k}"
+            # an ensemble's members get runs of their own, nested under the model's run
+            member_run = (
+                contextlib.nullcontext(run)
+                if len(architectures) == 1
+                else tracking.training_run(
+                    settings.mlflow,
+                    label,
+                    {**tags, "member": str(k)},
+                    {**params, "seed": member_seed, "member": k, "architecture": architecture},
+                    tracking.ParentRun(run.info.run_id, parent.tags if parent else {}),
+                )
             )
-
-        history = fit(
-            model, train_set, val, spec, settings.runtime, device, seed, on_epoch, desc=name
-        )
+            with member_run as active:
+                net, curve = fit_member(architecture, member_seed, label)
+            mean, std = normalization(net)
+            members.append(Member(architecture, weights_name(k), mean, std, active.info.run_id))
+            nets.append(net)
+            history += curve
+            rows += [{"member": label, **asdict(r)} for r in curve]
         card = ModelCard(
             name=name,
-            model=spec.model,
             classes=classes,
             image_size=settings.data.image_size,
-            mean=mean,
-            std=std,
             mlflow_run_id=run.info.run_id,
+            members=members,
         )
-        out = models_dir / name
-        tracking.log_model(model, card)
-        curves = pd.DataFrame([r.__dict__ for r in history]).to_csv(index=False)
-        save_checkpoint(model, card, out, extra_files={"history.csv": curves})
+        tracking.log_model(nets, card)
+        curves = pd.DataFrame(rows).to_csv(index=False)
+        save_checkpoint(nets, card, models_dir / name, extra_files={"history.csv": curves})
     return history
+
+
+def train_member(
+    settings: Settings,
+    spec: ModelTraining,
+    architecture: str,
+    seed: int,
+    desc: str,
+    *,
+    train_set: Dataset,
+    val: Split,
+    classes: list[str],
+    policy,
+    device: torch.device,
+    teacher: FrozenTeacher | None,
+) -> tuple[torch.nn.Module, list[EpochResult]]:
+    """One network, trained in place under the active MLflow run."""
+    seed_everything(seed)
+    seed_policy(policy, seed)
+    noise = randaugment(spec.randaugment_n, spec.randaugment_m, settings.data.image_size)
+    attach_transform(train_set, TrainTransform(policy, noise if spec.randaugment_n > 0 else None))
+    net = create_model(spec, len(classes), architecture)
+
+    def on_epoch(result: EpochResult) -> None:
+        metrics = {
+            "train_loss": result.train_loss,
+            "val_accuracy": result.val_accuracy,
+            "lr": result.lr,
+            "epoch_seconds": result.seconds,
+        }
+        if not np.isnan(result.lr_backbone):
+            metrics["lr_backbone"] = result.lr_backbone
+        mlflow.log_metrics(metrics, step=result.epoch)
+
+    history = fit(
+        net,
+        train_set,
+        val,
+        spec,
+        settings.runtime,
+        device,
+        seed,
+        on_epoch,
+        desc=desc,
+        teacher=teacher,
+        on_first_batch=tracking.log_batch_image,
+    )
+    return net, history
 
 
 def check_round_flags(settings: Settings, name: str, flags: list[str]) -> None:

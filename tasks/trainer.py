@@ -10,15 +10,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from tasks.data import Split, make_loader
+from tasks.data import Split, TrainingImages, make_loader
+from tasks.distill import FrozenTeacher, student_loss
 from tasks.inference import EVAL_BATCH_SIZE, accuracy, autocast, device_memory_format, eval_loader
-from tasks.models import Normalize, normalization
+from tasks.mixing import BatchMixer
+from tasks.models import Classifier, normalization
 from tasks.settings import ModelTraining, RuntimeSettings
+from tasks.transfer import create_optimizer, freeze_backbone, unfreeze_backbone
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +29,14 @@ class EpochResult:
     epoch: int  # 1-based
     train_loss: float
     val_accuracy: float
+    lr: float  # the head's learning rate at the end of the epoch
+    lr_backbone: float  # the backbone's (its first layer's, under layer decay)
     seconds: float
 
 
 def fit(
     model: torch.nn.Module,
-    train_set: Dataset,
+    train_set: TrainingImages,
     val: Split,
     spec: ModelTraining,
     runtime: RuntimeSettings,
@@ -41,13 +44,22 @@ def fit(
     seed: int,
     on_epoch: Callable[[EpochResult], None],
     desc: str,
+    teacher: FrozenTeacher | None = None,
+    on_first_batch: Callable[[torch.Tensor], None] | None = None,
 ) -> list[EpochResult]:
-    """Train ``model`` in place with AdamW and a warmup + cosine schedule (timm's).
+    """Train ``model`` in place: AdamW over the transfer-learning parameter groups, timm's warmup
+    + cosine schedule, MixUp/CutMix, and distillation from ``teacher`` when given.
 
-    The caller seeds the global RNGs (``seed_everything``) before it builds the model."""
+    The caller seeds the global RNGs (``seed_everything``) before it builds the model.
+    ``on_first_batch`` receives the first training batch as the model sees it (augmented, mixed;
+    pixels 0..255), for a picture."""
+    frozen = freeze_backbone(model) if spec.transfer == "linear_probe" else []
     memory_format = device_memory_format(device, runtime)
     model.to(device=device, memory_format=memory_format)
-    normalize = Normalize(*normalization(model)).to(device)
+    mean, std = normalization(model)
+    classifier = Classifier([model], [mean], [std]).to(device)  # shares the model's weights
+    if teacher is not None:
+        teacher.classifier.to(device=device, memory_format=memory_format)
     pin = device.type == "cuda"
     # a lone sample in the last batch would break BatchNorm: drop that one only
     loader = make_loader(
@@ -60,7 +72,7 @@ def fit(
         drop_last=len(train_set) % spec.batch_size == 1,
     )
     val_loader = eval_loader(val.images, EVAL_BATCH_SIZE, runtime, device)
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=spec.lr, weight_decay=spec.weight_decay)
+    optimizer = create_optimizer(model, spec)
     steps = len(loader)
     scheduler = CosineLRScheduler(
         optimizer,
@@ -70,23 +82,32 @@ def fit(
         lr_min=spec.lr * 0.01,
         t_in_epochs=False,
     )
-    criterion = torch.nn.CrossEntropyLoss()
+    scheduler.step_update(0)  # applies each group's lr_scale from the very first batch
+    mixer = BatchMixer(spec)
+    temperature = teacher.temperature if teacher is not None else 1.0
     interactive = sys.stderr.isatty()
     history: list[EpochResult] = []
     bar = tqdm(range(1, spec.epochs + 1), desc=desc, unit="epoch", disable=not interactive)
     update = 0
     for epoch in bar:
         start = time.perf_counter()
-        model.train()
+        classifier.train()
         loss_sum = torch.zeros((), device=device)
         seen = 0
-        for images, targets in tqdm(loader, leave=False, unit="batch", disable=not interactive):
-            x = normalize(images.to(device, non_blocking=True)).contiguous(
-                memory_format=memory_format
-            )
+        for images, targets, kd_weights in tqdm(
+            loader, leave=False, unit="batch", disable=not interactive
+        ):
+            x = images.to(device, non_blocking=True).float()
             y = targets.to(device, non_blocking=True)
+            k = kd_weights.to(device, non_blocking=True)
+            x, y, k = mixer(x, y, k)
+            x = x.contiguous(memory_format=memory_format)
+            if on_first_batch is not None and update == 0:
+                on_first_batch(x.detach().clamp(0, 255).to(torch.uint8).cpu())
             with autocast(device, runtime):
-                loss = criterion(model(x), y)
+                logits = classifier(x)
+                soft = teacher(x) if teacher is not None else None
+            loss = student_loss(logits, y, k, soft, temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -95,8 +116,11 @@ def fit(
             loss_sum += loss.detach() * len(y)  # stays on the device: no host sync per batch
             seen += len(y)
         train_loss = float(loss_sum.item() / max(seen, 1))
-        val_acc = accuracy(model, normalize, val_loader, val.labels, device, runtime)
-        result = EpochResult(epoch, train_loss, val_acc, time.perf_counter() - start)
+        val_acc = accuracy(classifier, val_loader, val.labels, device, runtime)
+        lr_head, lr_backbone = group_lrs(optimizer)
+        result = EpochResult(
+            epoch, train_loss, val_acc, lr_head, lr_backbone, time.perf_counter() - start
+        )
         history.append(result)
         on_epoch(result)
         bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.3f}")
@@ -109,7 +133,16 @@ def fit(
                 train_loss,
                 val_acc,
             )
+    if frozen:
+        unfreeze_backbone(model, frozen)
     return history
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    """The head's learning rate and the lowest one of the backbone (nan if it is frozen)."""
+    head = [g["lr"] for g in optimizer.param_groups if g["head"]]
+    backbone = [g["lr"] for g in optimizer.param_groups if not g["head"]]
+    return max(head), min(backbone) if backbone else float("nan")
 
 
 def seed_everything(seed: int) -> None:

@@ -76,7 +76,7 @@ def venv_env() -> dict[str, str]:
 def make_project(dest: Path, params: dict[str, Any]) -> Path:
     """A fresh git + DVC repository holding the pipeline's code and the given params."""
     dest.mkdir(parents=True, exist_ok=True)
-    for package in ("tasks", "flows"):
+    for package in ("tasks", "flows", "configs"):
         shutil.copytree(
             ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__")
         )

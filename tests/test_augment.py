@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from tasks.augment import augment, build_policy, load_policy
+from tasks.augment import TrainTransform, augment, build_policy, load_policy, randaugment
 from tasks.data import ImageDataset, make_loader
 from tasks.prepare import prepare
 from tasks.settings import Settings
@@ -55,11 +55,43 @@ def test_loader_workers_augment_differently_and_reproducibly(tiny_params):
 
     def draws():
         policy = build_policy(settings.augment.student, 16, seed=0)
-        dataset = ImageDataset(images, np.zeros(8, np.int64), policy)
+        dataset = ImageDataset(images, TrainTransform(policy, randaugment(2, 9, 16)))
         loader = make_loader(dataset, 1, shuffle=False, num_workers=2, pin_memory=False, seed=3)
-        return [x.numpy() for x, _ in loader]
+        return [x.numpy() for x in loader]
 
     first, second = draws(), draws()
     assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
     # batches 0 and 1 come from different workers: their streams must differ
     assert not np.array_equal(first[0], first[1])
+
+
+def test_randaugment_applies_n_ops_at_magnitude_m():
+    """Each image goes through exactly N ops drawn from timm's list, each at magnitude M."""
+    import random
+
+    from PIL import Image
+
+    policy = randaugment(num_ops=3, magnitude=7, image_size=16)
+    assert policy.num_layers == 3 and len(policy.ops) >= 14
+    assert {op.magnitude for op in policy.ops} == {7} and {op.prob for op in policy.ops} == {1.0}
+    calls: list[str] = []
+
+    class Counted:  # the real op, its calls recorded
+        def __init__(self, op):
+            self.op = op
+
+        def __call__(self, img):
+            calls.append(self.op.name)
+            return self.op(img)
+
+    policy.ops = [Counted(op) for op in policy.ops]
+    random.seed(0)
+    np.random.seed(0)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8))
+    names = []
+    for _ in range(20):
+        calls.clear()
+        policy(image)
+        assert len(calls) == 3
+        names += calls
+    assert len(set(names)) > 5  # drawn at random, not a fixed sequence

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 
 import mlflow
 import numpy as np
@@ -59,7 +60,16 @@ def test_pseudo_label_table(demo):
     pool = pd.read_csv(project / "data/prepared/unlabeled/index.csv")
     table = pd.read_csv(project / "pseudo_labels/student_1.csv", dtype={"id": str})
     prob_cols = [f"p_{i}" for i in range(10)]
-    assert list(table.columns) == ["id", "pred", "pred_class", "confidence", "kept", *prob_cols]
+    assert list(table.columns) == [
+        "id",
+        "pred",
+        "pred_class",
+        "confidence",
+        "kept",
+        "copies",
+        *prob_cols,
+    ]
+    assert (table["copies"] == table["kept"].astype(int)).all()  # no balancing by default
     assert table["id"].tolist() == pool["id"].tolist()
     np.testing.assert_allclose(table[prob_cols].sum(axis=1), 1.0, atol=1e-4)
     np.testing.assert_allclose(table[prob_cols].max(axis=1), table["confidence"], atol=1e-5)
@@ -136,6 +146,26 @@ def test_changing_the_threshold_reruns_only_downstream_stages(demo, tmp_path):
     assert ran(output) == ALL_STAGES[3:]
     summary = json.loads((project / "pseudo_labels/student_1.json").read_text())
     assert summary["threshold"] == 0.5
+
+
+def test_a_recipe_runs_as_a_dvc_experiment(demo, tmp_path):
+    project = tmp_path / "copy"
+    shutil.copytree(demo[0], project)
+    output = run([sys.executable, "-m", "tasks.recipes", "configs/class_balance.yaml"], project)
+    assert "dvc exp run -n class_balance -S pseudo_label.balance=true" in output.stdout
+    assert ran(output.stdout) == ALL_STAGES[3:]
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    experiments = {
+        exp["name"]: exp
+        for entry in shown
+        for branch in entry.get("experiments") or []
+        for exp in branch["revs"]
+    }
+    params = experiments["class_balance"]["data"]["params"]["params.yaml"]["data"]
+    assert params["pseudo_label"]["balance"] is True
+    summary = json.loads((project / "pseudo_labels/student_1.json").read_text())
+    counts = {n for n in summary["trained_per_class"].values() if n > 0}
+    assert summary["balance"] is True and len(counts) == 1
 
 
 def test_users_own_folders(tmp_path):

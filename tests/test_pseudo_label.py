@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from tasks.data import UNKNOWN, Split
 from tasks.errors import PipelineError
-from tasks.pseudo_label import label_rows, load_kept, summarize
+from tasks.pseudo_label import (
+    balance_copies,
+    label_rows,
+    load_pseudo_labels,
+    select,
+    summarize,
+    write_with_copies,
+)
+from tasks.settings import PseudoLabelSettings
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -43,9 +52,27 @@ def test_rows_carry_prediction_confidence_kept_and_full_distribution():
     np.testing.assert_allclose(probs, PROBS.numpy())
 
 
+def settings(threshold: float, balance: bool = False, per_class: int | None = None):
+    return PseudoLabelSettings(
+        threshold=threshold,
+        labels="hard",
+        temperature=1.0,
+        balance=balance,
+        per_class=per_class,
+        batch_size=8,
+    )
+
+
+def selected(threshold: float, **kwargs):
+    table = label_rows(PROBS, [f"img_{i}" for i in range(4)], CLASSES, threshold)
+    cfg = settings(threshold, **kwargs)
+    table["copies"] = select(table["pred"].to_numpy(), table["confidence"].to_numpy(), cfg, 3)
+    return table, cfg
+
+
 def test_summary_counts_and_kept_accuracy():
-    table = label_rows(PROBS, [f"img_{i}" for i in range(4)], CLASSES, threshold=0.8)
-    summary = summarize(table, pool([0, 0, 1, 0]), CLASSES, 0.8)
+    table, cfg = selected(0.8)
+    summary = summarize(table, pool([0, 0, 1, 0]), CLASSES, cfg)
     assert summary["kept"] == 3 and summary["pool_images"] == 4
     assert summary["kept_per_class"] == {"cat": 1, "dog": 1, "fox": 1}
     assert summary["kept_accuracy"] == pytest.approx(2 / 3)  # the fox is a cat
@@ -53,22 +80,60 @@ def test_summary_counts_and_kept_accuracy():
 
 
 def test_summary_without_truth_reports_no_accuracy():
-    table = label_rows(PROBS, [f"img_{i}" for i in range(4)], CLASSES, threshold=0.5)
-    summary = summarize(table, pool([UNKNOWN] * 4), CLASSES, 0.5)
+    table, cfg = selected(0.5)
+    summary = summarize(table, pool([UNKNOWN] * 4), CLASSES, cfg)
     assert "kept_accuracy" not in summary and summary["kept"] == 3
 
 
-def test_load_kept_returns_pool_indices_and_labels(tmp_path):
+def test_balancing_gives_every_class_the_promised_count():
+    # class 0: 6 above the threshold, class 1: 2, class 2: 1, class 3: none
+    pred = np.array([0, 0, 0, 0, 0, 0, 1, 1, 2, 3, 0])
+    conf = np.array([0.9, 0.95, 0.8, 0.99, 0.85, 0.7, 0.9, 0.95, 0.9, 0.2, 0.1])
+    passed = conf >= 0.5
+    copies = balance_copies(pred, conf, passed, num_classes=4, per_class=4)
+    per_class = np.bincount(pred, weights=copies, minlength=4)
+    assert per_class.tolist() == [4, 4, 4, 0]  # class 3 has nothing to repeat
+    # too many: the four most confident of class 0, once each; never a row below the threshold
+    assert copies[:6].tolist() == [1, 1, 0, 1, 1, 0] and copies[10] == 0
+    # too few: each repeated evenly, the more confident one first
+    assert copies[6:8].tolist() == [2, 2] and copies[8] == 4
+
+
+def test_balancing_without_a_target_uses_the_mean_kept_count():
+    pred = np.array([0, 0, 0, 0, 0, 1])
+    conf = np.full(6, 0.9)
+    copies = select(pred, conf, settings(0.5, balance=True), num_classes=2)
+    assert np.bincount(pred, weights=copies).tolist() == [3, 3]  # 6 kept / 2 classes
+    unbalanced = select(pred, conf, settings(0.5), num_classes=2)
+    assert unbalanced.tolist() == [1] * 6
+
+
+def test_table_with_copies_round_trips_to_training_items(tmp_path):
     table = label_rows(PROBS, [f"img_{i}" for i in range(4)], CLASSES, threshold=0.8)
-    table.to_csv(tmp_path / "student_1.csv", index=False)
-    indices, targets = load_kept(tmp_path / "student_1.csv", pool([0, 0, 1, 0]))
-    assert indices.tolist() == [0, 2, 3] and targets.tolist() == [0, 1, 2]
+    rows = tmp_path / "rows.csv"
+    table.iloc[:2].to_csv(rows, index=False)  # written in two batches, as the stage streams
+    table.iloc[2:].to_csv(rows, mode="a", header=False, index=False)
+    copies = np.array([2, 0, 1, 3])
+    out = tmp_path / "student_1.csv"
+    write_with_copies(rows, out, copies)
+    assert not rows.exists()
+    written = pd.read_csv(out)
+    assert written["copies"].tolist() == [2, 0, 1, 3]
+    assert written["kept"].tolist() == [True, False, True, True]
+    labels = load_pseudo_labels(out, pool([0, 0, 1, 0]), CLASSES)
+    assert labels.indices.tolist() == [0, 0, 2, 3, 3, 3]
+    assert labels.hard.tolist() == [0, 0, 1, 2, 2, 2]
+    np.testing.assert_allclose(labels.probs[2], PROBS[2].numpy(), rtol=1e-5)
 
 
-def test_load_kept_refuses_a_table_of_another_pool(tmp_path):
+def test_a_table_of_another_pool_is_refused(tmp_path):
     table = label_rows(PROBS, ["a", "b", "c", "d"], CLASSES, threshold=0.8)
+    table.insert(5, "copies", 1)
     table.to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(PipelineError, match="do not match the prepared unlabeled pool"):
-        load_kept(tmp_path / "t.csv", pool([0, 0, 1, 0]))
+        load_pseudo_labels(tmp_path / "t.csv", pool([0, 0, 1, 0]), CLASSES)
     with pytest.raises(PipelineError, match="not found"):
-        load_kept(tmp_path / "missing.csv", pool([0]))
+        load_pseudo_labels(tmp_path / "missing.csv", pool([0]), CLASSES)
+    table.drop(columns="copies").to_csv(tmp_path / "old.csv", index=False)
+    with pytest.raises(PipelineError, match=r"missing column\(s\) \['copies'\]"):
+        load_pseudo_labels(tmp_path / "old.csv", pool([0, 0, 1, 0]), CLASSES)

@@ -47,6 +47,20 @@ def error_for(tmp_path, params) -> str:
         (lambda p: p["data"].update(source="folders"), "data.labeled_dir must name a folder"),
         (lambda p: p["teacher"].update(warmup_epochs=500), "warmup_epochs must be smaller"),
         (lambda p: p["augment"]["student"].update(rotate_p=2), "augment.student.rotate_p:"),
+        (
+            lambda p: p["students"][0].update(mixup_p=0.6, cutmix_p=0.5),
+            "students.0: mixup_p + cutmix_p must not exceed 1",
+        ),
+        (lambda p: p["teacher"].update(cutmix_p=0.5, cutmix_alpha=0), "cutmix_p > 0 needs"),
+        (lambda p: p["teacher"].update(transfer="freeze"), "teacher.transfer: Input should be"),
+        (lambda p: p["teacher"].update(pretrained="w/no.safetensors"), "'w/no.safetensors' not"),
+        (lambda p: p["teacher"].update(ensemble=["resnet_nope"]), "teacher.ensemble.0: unknown"),
+        (lambda p: p["teacher"].update(backbone_lr_scale=0), "teacher.backbone_lr_scale:"),
+        (lambda p: p["students"][1].update(randaugment_m=30), "students.1.randaugment_m:"),
+        (lambda p: p["pseudo_label"].update(labels="medium"), "pseudo_label.labels: Input should"),
+        (lambda p: p["pseudo_label"].update(per_class=0), "pseudo_label.per_class:"),
+        (lambda p: p["distill"].update(alpha=1.5), "distill.alpha:"),
+        (lambda p: p["distill"].pop("temperature"), "distill.temperature: missing key"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, params, edit, expected):

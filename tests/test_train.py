@@ -20,6 +20,7 @@ def test_round_flags_must_match_params(params):
     s1 = params["students"][0]
     flags = ["--name", "student_1", "--model", s1["model"], "--lr", str(s1["lr"])]
     check_round_flags(settings, "student_1", flags[2:])
+    check_round_flags(settings, "student_1", ["--transfer", "finetune", "--cutmix_p", "0.0"])
     with pytest.raises(PipelineError, match="--lr 9.0 differs from params.yaml"):
         check_round_flags(settings, "student_1", ["--lr", "9"])
     with pytest.raises(PipelineError, match="unknown option --colour"):
@@ -27,21 +28,32 @@ def test_round_flags_must_match_params(params):
 
 
 def test_teacher_student_loop_tracks_every_run(tmp_path, tiny_params, monkeypatch):
+    """Every technique at once: an ensemble teacher, soft and balanced pseudo-labels, a student
+    under RandAugment, MixUp/CutMix and label smoothing, distilled from its teacher."""
     monkeypatch.chdir(tmp_path)  # MLflow's artifact root defaults to ./mlruns
     tiny_params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
     tiny_params["students"] = tiny_params["students"][:1]
+    tiny_params["teacher"]["ensemble"] = ["test_resnet"]
+    tiny_params["pseudo_label"].update(labels="soft", temperature=0.5, balance=True)
+    tiny_params["distill"]["enabled"] = True
+    tiny_params["students"][0].update(
+        mixup_p=0.3, cutmix_p=0.5, label_smoothing=0.1, randaugment_n=2, randaugment_m=9
+    )
     settings = Settings.model_validate(tiny_params)
     dirs = {"data_dir": tmp_path / "data", "models_dir": tmp_path / "models"}
     prepare(settings, dirs["data_dir"])
     augment(settings, tmp_path / "augment", dirs["data_dir"])
 
     history = train(settings, "teacher", augment_dir=tmp_path / "augment", **dirs)
-    assert len(history) == settings.teacher.epochs
-    assert history[-1].train_loss < history[0].train_loss
-    assert history[-1].val_accuracy > 0.3  # ten classes: chance is 0.1
+    epochs = settings.teacher.epochs
+    assert len(history) == 2 * epochs  # two members
+    for member in (history[:epochs], history[epochs:]):
+        assert member[-1].train_loss < member[0].train_loss
+        assert member[-1].val_accuracy > 0.3  # ten classes: chance is 0.1
 
     summary = pseudo_label(settings, "student_1", out_dir=tmp_path / "pl", **dirs)
     assert summary["kept"] > 0
+    assert len(set(summary["trained_per_class"].values()) - {0}) == 1  # balanced
     train(
         settings, "student_1", augment_dir=tmp_path / "augment", pseudo_dir=tmp_path / "pl", **dirs
     )
@@ -53,22 +65,35 @@ def test_teacher_student_loop_tracks_every_run(tmp_path, tiny_params, monkeypatc
         **dirs,
     )
     assert set(metrics) == {"teacher", "student_1"}
+    assert metrics["teacher"]["model"] == "test_resnet+test_resnet"
+    assert {"member_0_test_accuracy", "member_1_test_accuracy"} <= set(metrics["teacher"])
 
     mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
     runs = mlflow.search_runs(experiment_names=[settings.mlflow.experiment], output_format="list")
     by_name = {r.info.run_name: r for r in runs}
-    assert set(by_name) == {"teacher", "student_1"}
+    assert set(by_name) == {"teacher", "teacher.member_0", "teacher.member_1", "student_1"}
     teacher, student = by_name["teacher"], by_name["student_1"]
+    for k in (0, 1):
+        member = by_name[f"teacher.member_{k}"]
+        assert member.data.tags["mlflow.parentRunId"] == teacher.info.run_id
+        assert member.data.params["seed"] == str(settings.seed + 1000 * k)
+        assert member.data.metrics["test_accuracy"] == pytest.approx(
+            metrics["teacher"][f"member_{k}_test_accuracy"]
+        )
     assert teacher.data.tags["stage"] == "teacher" and teacher.data.tags["round"] == "0"
     assert student.data.tags["stage"] == "student" and student.data.tags["round"] == "1"
     assert student.data.params["model.drop_rate"] == str(settings.students[0].drop_rate)
+    assert student.data.params["distill.enabled"] == "True"
+    assert student.data.params["model.cutmix_p"] == "0.5"
     client = mlflow.MlflowClient()
-    losses = client.get_metric_history(teacher.info.run_id, "train_loss")
-    assert [m.step for m in losses] == list(range(1, settings.teacher.epochs + 1))
+    losses = client.get_metric_history(by_name["teacher.member_1"].info.run_id, "train_loss")
+    assert [m.step for m in losses] == list(range(1, epochs + 1))
     assert teacher.data.metrics["test_accuracy"] == pytest.approx(
         metrics["teacher"]["test_accuracy"]
     )
     assert all(r.info.status == "FINISHED" for r in runs)
+    artifacts = [a.path for a in client.list_artifacts(student.info.run_id)]
+    assert "train_batch.png" in artifacts
     logged = mlflow.search_logged_models(
         experiment_ids=[teacher.info.experiment_id], output_format="list"
     )
@@ -76,6 +101,8 @@ def test_teacher_student_loop_tracks_every_run(tmp_path, tiny_params, monkeypatc
 
     model, card = load_checkpoint(tmp_path / "models" / "student_1")
     assert card.mlflow_run_id == student.info.run_id and card.classes == [str(i) for i in range(10)]
+    ensemble, card = load_checkpoint(tmp_path / "models" / "teacher")
+    assert len(ensemble.nets) == 2 and card.members[1].weights == "member_1.safetensors"
 
 
 def test_failed_training_ends_its_mlflow_run_failed(tmp_path, tiny_params, monkeypatch):

@@ -1,0 +1,110 @@
+"""configs/: every recipe validates against params.yaml and runs as a DVC experiment."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import yaml
+from conftest import ROOT, venv_env
+from safetensors.torch import save_file
+
+from tasks.augment import augment
+from tasks.errors import PipelineError
+from tasks.prepare import prepare
+from tasks.recipes import dvc_command, load_recipe
+from tasks.settings import Settings, apply_overrides
+from tasks.train import train
+
+RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_there_is_a_recipe_per_technique_family():
+    names = {path.stem for path in RECIPES}
+    assert {
+        "distillation",
+        "soft_pseudo_labels",
+        "class_balance",
+        "ensemble_teacher",
+        "mixing",
+        "transfer_finetune",
+        "transfer_linear_probe",
+        "no_noise",
+    } <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_validates_and_changes_something(path):
+    changes = load_recipe(path, ROOT / "params.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    before = Settings.model_validate(params).model_dump()
+    after = Settings.model_validate(apply_overrides(params, changes)).model_dump()
+    assert after != before
+
+
+def test_dvc_command_sets_each_key():
+    command = dvc_command(ROOT / "configs/x.yaml", {"teacher.ensemble": ["a", "b"], "s.t": None})
+    assert command == [
+        "dvc", "exp", "run", "-n", "x",
+        "-S", 'teacher.ensemble=["a", "b"]',
+        "-S", "s.t=null",
+    ]  # fmt: skip
+
+
+def test_a_bad_recipe_names_the_file_and_key(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("distill.enabeld: true\n")
+    with pytest.raises(PipelineError, match=r"typo.yaml: .*no key 'enabeld'"):
+        load_recipe(bad, ROOT / "params.yaml")
+    bad.write_text("distill.alpha: 3\n")
+    with pytest.raises(PipelineError, match=r"typo.yaml on .*params.yaml: distill.alpha:"):
+        load_recipe(bad, ROOT / "params.yaml")
+    result = subprocess.run(
+        [sys.executable, "-m", "tasks.recipes", str(bad), "--print"],
+        cwd=ROOT,
+        env=venv_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and "distill.alpha" in result.stderr
+
+
+def test_json_output_is_the_flows_overrides():
+    result = subprocess.run(
+        [sys.executable, "-m", "tasks.recipes", "configs/distillation.yaml", "--json"],
+        cwd=ROOT,
+        env=venv_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(result.stdout)["distill.enabled"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["transfer_finetune", "transfer_linear_probe"])
+def test_transfer_recipes_train_from_local_weights(tmp_path, tiny_params, monkeypatch, recipe):
+    """The transfer recipes ask timm's hub for weights; offline: the same with a local file."""
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "pretrained.safetensors"
+    source = timm.create_model("test_resnet", num_classes=1000)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, weights)
+    changes = load_recipe(ROOT / "configs" / f"{recipe}.yaml", ROOT / "params.yaml")
+    params = apply_overrides(tiny_params, {**changes, "teacher.pretrained": str(weights)})
+    params["teacher"]["epochs"] = 2
+    params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = Settings.model_validate(params)
+    prepare(settings)
+    augment(settings)
+    history = train(settings, "teacher")
+    assert len(history) == 2
+    if recipe == "transfer_linear_probe":
+        import math
+
+        assert all(math.isnan(r.lr_backbone) for r in history)  # nothing of the backbone trains
+    else:
+        assert history[0].lr_backbone < history[0].lr / 50  # 1/100, and decayed by layer

@@ -1,0 +1,165 @@
+"""Transfer learning: the frozen backbone, the learning rate of every parameter group, and
+pretrained weights through timm's own loader from a local file."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import load_params
+from safetensors.torch import save_file
+from timm.scheduler import CosineLRScheduler
+
+from tasks.data import UNKNOWN, Split, TrainingImages
+from tasks.errors import PipelineError
+from tasks.mixing import one_hot
+from tasks.models import create_model
+from tasks.settings import ModelTraining, RuntimeSettings
+from tasks.trainer import fit
+from tasks.transfer import (
+    backbone_modules,
+    create_optimizer,
+    freeze_backbone,
+    parameter_groups,
+)
+
+CPU = RuntimeSettings(device="cpu", num_workers=0, amp=False, channels_last=False)
+
+
+def spec(**changes) -> ModelTraining:
+    teacher = {k: v for k, v in load_params()["teacher"].items() if k != "ensemble"}
+    teacher.update(model="resnet10t", epochs=1, warmup_epochs=0, batch_size=8, lr=0.01)
+    return ModelTraining.model_validate({**teacher, **changes})
+
+
+def tiny_data(n: int = 16) -> tuple[TrainingImages, Split]:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8)
+    labels = np.arange(n) % 3
+    train = TrainingImages(images, np.arange(n), one_hot(labels, 3), np.zeros(n))
+    val = Split(images[:4], [str(i) for i in range(4)], labels[:4], np.full(4, UNKNOWN))
+    return train, val
+
+
+def test_linear_probe_trains_the_head_only():
+    recipe = spec(transfer="linear_probe")
+    torch.manual_seed(0)
+    model = create_model(recipe, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train, val = tiny_data()
+    fit(model, train, val, recipe, CPU, torch.device("cpu"), 0, lambda r: None, "probe")
+    after = model.state_dict()
+    assert set(after) == set(before)  # plain BatchNorm again: loads into a fresh timm model
+    head = {k for k in before if k.startswith("fc.")}
+    assert head == {"fc.weight", "fc.bias"}
+    for key in before:
+        if key in head:
+            assert not torch.equal(before[key], after[key]), key
+        else:  # weights and BatchNorm statistics, bit for bit
+            assert torch.equal(before[key], after[key]), key
+
+
+def test_finetune_trains_the_backbone_too():
+    recipe = spec()
+    torch.manual_seed(0)
+    model = create_model(recipe, 3)
+    before = model.conv1[0].weight.clone()
+    train, val = tiny_data()
+    fit(model, train, val, recipe, CPU, torch.device("cpu"), 0, lambda r: None, "finetune")
+    assert not torch.equal(before, model.conv1[0].weight)
+
+
+def test_backbone_is_everything_beside_the_classifier():
+    model = timm.create_model("resnet10t", num_classes=3)
+    assert "fc" not in backbone_modules(model) and "layer4" in backbone_modules(model)
+    convnext = timm.create_model("convnext_atto", num_classes=3)  # classifier at head.fc
+    names = backbone_modules(convnext)
+    assert "stages" in names and "head.norm" in names and "head" not in names
+
+
+def lrs_after_warmup(model, recipe) -> list[tuple[bool, float, float]]:
+    optimizer = create_optimizer(model, recipe)
+    scheduler = CosineLRScheduler(optimizer, t_initial=100, warmup_t=0, t_in_epochs=False)
+    scheduler.step_update(0)  # the schedule's first value: the base lr
+    return [(g["head"], g["lr_scale"], g["lr"]) for g in optimizer.param_groups]
+
+
+def test_each_parameter_group_carries_its_configured_learning_rate():
+    recipe = spec(lr=0.1, backbone_lr_scale=0.01, layer_decay=1.0)
+    model = timm.create_model("resnet10t", num_classes=3)
+    groups = lrs_after_warmup(model, recipe)
+    assert {head for head, _, _ in groups} == {True, False}
+    for head, _, lr in groups:
+        # the notes' recipe: the backbone 100x lower than the head
+        assert lr == pytest.approx(0.1 if head else 0.001)
+    # every parameter in exactly one group; biases and norms without weight decay
+    optimizer = create_optimizer(model, recipe)
+    grouped = [p for g in optimizer.param_groups for p in g["params"]]
+    assert len(grouped) == len(list(model.parameters())) == len({id(p) for p in grouped})
+    for group in optimizer.param_groups:
+        assert group["weight_decay"] in (0.0, recipe.weight_decay)
+        if group["weight_decay"] == 0.0:
+            assert all(p.ndim <= 1 for p in group["params"])
+
+
+def test_layer_decay_scales_each_earlier_layer_once_more():
+    recipe = spec(lr=0.1, backbone_lr_scale=0.5, layer_decay=0.5)
+    model = timm.create_model("resnet10t", num_classes=3)
+    groups = parameter_groups(model, recipe)
+    head = [g for g in groups if g["head"]]
+    assert [g["lr_scale"] for g in head] == [1.0, 1.0]  # weights and bias of the classifier
+    depth = {  # layer id of each backbone group, from timm's grouping (stem 0 ... layer4 4)
+        round(np.log(g["lr_scale"] / 0.5) / np.log(0.5)) for g in groups if not g["head"]
+    }
+    assert depth == {1, 2, 3, 4, 5}
+    for _, scale, lr in lrs_after_warmup(model, recipe):
+        assert lr == pytest.approx(0.1 * scale)
+
+
+def test_linear_probe_optimizes_the_head_only():
+    recipe = spec(transfer="linear_probe")
+    model = create_model(recipe, 3)
+    freeze_backbone(model)
+    groups = parameter_groups(model, recipe)
+    assert all(g["head"] for g in groups)
+    assert sum(p.numel() for g in groups for p in g["params"]) == 3 * 512 + 3
+
+
+def test_pretrained_weights_from_a_local_file(tmp_path):
+    torch.manual_seed(1)
+    source = timm.create_model("resnet10t", num_classes=10)  # say, a model trained elsewhere
+    weights = tmp_path / "resnet10t.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, weights)
+    model = create_model(spec(pretrained=str(weights)), 3)
+    assert torch.equal(model.conv1[0].weight, source.conv1[0].weight)
+    assert torch.equal(model.layer4[0].bn1.running_var, source.layer4[0].bn1.running_var)
+    assert model.fc.weight.shape == (3, 512)  # a new head for this task's classes
+
+
+def test_weights_that_do_not_fit_or_carry_pickles_are_refused(tmp_path):
+    other = tmp_path / "resnet18.safetensors"
+    state = timm.create_model("resnet18", num_classes=10).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, other)
+    with pytest.raises(PipelineError, match=r"resnet18.safetensors: do not fit 'resnet10t'"):
+        create_model(spec(pretrained=str(other)), 3)
+
+    class Payload:  # what an untrusted pickle could run on load
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"conv1.0.weight": Payload()}, protocol=2))
+    with pytest.raises(PipelineError, match="evil.pth: cannot be loaded as weights"):
+        create_model(spec(pretrained=str(evil)), 3)
+
+
+def test_hub_weights_go_through_timms_loader_and_fail_clearly_offline(monkeypatch):
+    import huggingface_hub.constants
+
+    # this machine has no network: make the hub say so at once instead of retrying
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PipelineError, match="pretrained: true: timm could not fetch the weights"):
+        create_model(spec(pretrained=True), 3)
