@@ -122,6 +122,7 @@ def run_steps(
         params_for_run(root / PARAMS_FILE, overrides),
     ):
         check_against_dag(steps, *project.dag())  # as DVC reads dvc.yaml with these params
+        tracking.fail_orphaned_runs(settings.mlflow)  # left RUNNING by a killed flow run
         parent = tracking.start_parent_run(
             settings.mlflow,
             run_name,

@@ -17,8 +17,12 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     Works for files and folders alike: whatever the caller creates at the yielded path is moved.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:  # name the folder, not the temporary name
+        message = f"cannot write {target.name} there: {exc.strerror}"
+        raise OSError(exc.errno, message, str(target.parent)) from None
     staged = tmp / target.name
     try:
         yield staged

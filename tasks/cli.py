@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
 import sys
@@ -29,9 +30,25 @@ def run(main: Callable[[argparse.Namespace, Settings], None], args: argparse.Nam
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:  # the machine's side: a read-only folder, a full disk, ...
+        print(f"error: {os_error(exc)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def os_error(exc: OSError) -> str:
+    """One line naming the path and what the system said, with what to do where it is clear."""
+    where = exc.filename if exc.filename is not None else "(no path)"
+    hints = {
+        errno.EACCES: "make the folder writable, or run from a copy of the project",
+        errno.EPERM: "make the folder writable, or run from a copy of the project",
+        errno.EROFS: "the file system is read-only: run from a writable copy of the project",
+        errno.ENOSPC: "the disk is full: free space (dvc gc cleans DVC's cache)",
+    }
+    hint = hints.get(exc.errno)
+    return f"{where}: {exc.strerror or exc}" + (f" ({hint})" if hint else "")
 
 
 def _interrupt(signum: int, frame: object) -> None:

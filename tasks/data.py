@@ -81,12 +81,14 @@ class ImageDataset(Dataset):
 
 
 class TrainingImages(ImageDataset):
-    """Training items: (image, target distribution, distillation weight).
+    """Training items: (image, target distribution, distillation weight, teacher distribution).
 
     ``targets[i]`` (float32, one row per item) is what the cross-entropy term pulls the model
     towards, already scaled by that term's weight; ``kd_weights[i]`` is the weight of the
-    distillation term (0 without a teacher). Both mix linearly under MixUp/CutMix
-    (tasks/mixing.py), so the trainer needs to know nothing about where an item came from."""
+    distillation term (0 without a teacher); ``teacher_probs[i]`` is the teacher's distribution at
+    temperature T on the clean image when it was computed ahead (an empty row otherwise). All mix
+    linearly under MixUp/CutMix (tasks/mixing.py), so the trainer needs to know nothing about
+    where an item came from."""
 
     def __init__(
         self,
@@ -94,16 +96,20 @@ class TrainingImages(ImageDataset):
         indices: np.ndarray,
         targets: np.ndarray,
         kd_weights: np.ndarray,
+        teacher_probs: np.ndarray | None = None,
         transform: Any | None = None,
     ) -> None:
         super().__init__(images, transform, indices)
-        if not len(targets) == len(kd_weights) == len(self.indices):
-            raise ValueError("one target row and one distillation weight per item")
+        if teacher_probs is None:
+            teacher_probs = np.zeros((len(self.indices), 0), dtype=np.float32)
+        if not len(targets) == len(kd_weights) == len(teacher_probs) == len(self.indices):
+            raise ValueError("one target row, distillation weight and teacher row per item")
         self.targets = torch.from_numpy(np.asarray(targets, dtype=np.float32))
         self.kd_weights = torch.from_numpy(np.asarray(kd_weights, dtype=np.float32))
+        self.teacher_probs = torch.from_numpy(np.asarray(teacher_probs, dtype=np.float32))
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.image(i), self.targets[i], self.kd_weights[i]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        return self.image(i), self.targets[i], self.kd_weights[i], self.teacher_probs[i]
 
 
 def _reseed_worker(worker_id: int) -> None:
@@ -112,15 +118,16 @@ def _reseed_worker(worker_id: int) -> None:
 
     info = torch.utils.data.get_worker_info()
     seed = torch.initial_seed() % 2**32
-    for dataset in _datasets(info.dataset):
+    for dataset in parts(info.dataset):
         if dataset.transform is not None:
             seed_policy(dataset.transform.policy, seed)
 
 
-def _datasets(dataset: Dataset) -> list[ImageDataset]:
+def parts(dataset: Dataset) -> list[ImageDataset]:
+    """The ImageDatasets inside ``dataset`` (itself, or the parts of a ConcatDataset)."""
     if isinstance(dataset, ImageDataset):
         return [dataset]
-    return [d for sub in getattr(dataset, "datasets", []) for d in _datasets(sub)]
+    return [d for sub in getattr(dataset, "datasets", []) for d in parts(sub)]
 
 
 def make_loader(
@@ -141,7 +148,9 @@ def make_loader(
         shuffle=shuffle,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        # training workers start afresh each epoch, seeded from the loader's generator, so that a
+        # resumed training draws what an uninterrupted one would (tasks/resume.py)
+        persistent_workers=num_workers > 0 and not shuffle,
         worker_init_fn=_reseed_worker if num_workers > 0 else None,
         generator=generator,
         drop_last=drop_last,

@@ -12,13 +12,20 @@ the item's target row y (scaled by its cross-entropy weight) and distillation we
 T^2 keeps the soft term's gradients the size of the hard term's as T grows (the softened
 gradients shrink as 1 / T^2). Both terms are linear in (y, k), so MixUp/CutMix mix them as they mix
 the images (tasks/mixing.py). The teacher is frozen and runs without autograd: gradients reach the
-student only.
+student only. It sees either the clean images (computed once, Noisy Student's un-noised teacher)
+or the student's own augmented view (Beyer et al. 2022): ``distill.teacher_input``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from tasks.inference import eval_loader, iter_probabilities
+from tasks.settings import RuntimeSettings
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -52,13 +59,43 @@ def student_loss(
 class FrozenTeacher:
     """A trained model (tasks.models.Classifier) used only for its soft targets."""
 
-    def __init__(self, classifier: torch.nn.Module, temperature: float) -> None:
+    def __init__(self, classifier: torch.nn.Module) -> None:
         self.classifier = classifier.eval()
         for p in self.classifier.parameters():
             p.requires_grad_(False)
-        self.temperature = temperature
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """Averaged member probabilities at temperature T, for pixels 0..255 like the student."""
-        return self.classifier.probs(images, self.temperature)
+    def __call__(self, images: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Averaged member probabilities at ``temperature``, for pixels 0..255 like the student."""
+        return self.classifier.probs(images, temperature)
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """Where a student's distillation targets come from.
+
+    ``online`` given: the teacher runs on every training batch, on the student's own augmented and
+    mixed view. None: the items carry the teacher's outputs on their clean images, computed once
+    (``precompute``), and mix like the labels."""
+
+    temperature: float
+    online: FrozenTeacher | None = None
+
+    def targets(self, images: torch.Tensor, carried: torch.Tensor) -> torch.Tensor:
+        return self.online(images, self.temperature) if self.online is not None else carried
+
+
+def precompute(
+    teacher: FrozenTeacher,
+    images: np.ndarray,
+    rows: np.ndarray,
+    temperature: float,
+    runtime: RuntimeSettings,
+    device: torch.device,
+    batch_size: int,
+) -> np.ndarray:
+    """The teacher's probabilities at ``temperature`` on the clean ``images[rows]``."""
+    loader = eval_loader(images, batch_size, runtime, device, indices=rows)
+    teacher.classifier.to(device)
+    probs = iter_probabilities(teacher.classifier, loader, device, runtime, temperature)
+    return torch.cat(list(probs)).numpy()

@@ -23,9 +23,14 @@ def autocast(device: torch.device, runtime: RuntimeSettings):
 
 
 def eval_loader(
-    images: np.ndarray, batch_size: int, runtime: RuntimeSettings, device
+    images: np.ndarray,
+    batch_size: int,
+    runtime: RuntimeSettings,
+    device,
+    indices: np.ndarray | None = None,
 ) -> DataLoader:
-    dataset = ImageDataset(images)
+    """``images[indices]`` (all of them by default) in order, unaugmented."""
+    dataset = ImageDataset(images, indices=indices)
     return make_loader(
         dataset,
         batch_size,
@@ -42,8 +47,10 @@ def iter_probabilities(
     loader: DataLoader,
     device: torch.device,
     runtime: RuntimeSettings,
+    temperature: float = 1.0,
 ) -> Iterator[torch.Tensor]:
-    """Softmax probabilities (float32, on the CPU) batch by batch, so a pool of any size streams.
+    """Softmax probabilities at ``temperature`` (float32, on the CPU) batch by batch, so a pool
+    of any size streams.
 
     ``classifier`` takes pixels 0..255 (tasks.models.Classifier); an ensemble's probabilities are
     its members' average."""
@@ -52,8 +59,8 @@ def iter_probabilities(
     for images in loader:
         x = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         with autocast(device, runtime):
-            logits = classifier(x)
-        yield torch.softmax(logits.float(), dim=1).cpu()
+            probs = classifier.probs(x, temperature)
+        yield probs.cpu()
 
 
 def accuracy(

@@ -16,16 +16,16 @@ import cv2
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from tasks import cli
 from tasks.atomic import atomic_path
 from tasks.data import PREPARED_DIR, SPLITS, UNKNOWN
 from tasks.errors import PipelineError
+from tasks.progress import track
 from tasks.settings import DataSettings, Settings
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
@@ -40,13 +40,26 @@ def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(image, dtype=np.uint8)
 
 
+def to_rgb8(img: Image.Image) -> np.ndarray:
+    """Any Pillow image -> uint8 H x W x 3. 16-bit and 32-bit gray are scaled down by their
+    range (Pillow's own conversion would clip every value above 255 to white)."""
+    if img.mode.startswith("I") or img.mode == "F":
+        values = np.asarray(img).astype(np.float64)
+        if img.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0  # floats in 0..1
+        elif img.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0  # 0..65535 -> 0..255
+        return np.clip(values, 0, 255).round().astype(np.uint8)
+    return np.asarray(img.convert("RGB"))
+
+
 def read_image(path: Path, size: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as img:
                 img.load()
-                rgb = np.asarray(img.convert("RGB"))
+                rgb = to_rgb8(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise PipelineError(f"{path}: cannot read as an image ({exc})") from None
     return resize_rgb(rgb, size)
@@ -65,7 +78,7 @@ def write_split(
     out = np.lib.format.open_memmap(
         folder / "images.npy", mode="w+", dtype=np.uint8, shape=(count, size, size, 3)
     )
-    for i, image in enumerate(tqdm(images, total=count, desc=desc, unit="img", leave=False)):
+    for i, image in enumerate(track(images, count, f"prepare {desc}", "images", min_interval=5)):
         out[i] = image
     out.flush()
     del out

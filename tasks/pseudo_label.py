@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from tasks import cli
 from tasks.atomic import atomic_path
@@ -33,6 +31,7 @@ from tasks.data import PREPARED_DIR, UNKNOWN, Split, load_split
 from tasks.errors import PipelineError
 from tasks.inference import eval_loader, iter_probabilities
 from tasks.models import MODELS_DIR, load_checkpoint, resolve_device
+from tasks.progress import Progress
 from tasks.settings import PseudoLabelSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -137,12 +136,7 @@ def pseudo_label(
     chunks = []
     with atomic_path(out_dir / f"{student}.csv") as tmp:
         rows_file = tmp.with_name("rows.csv")
-        with tqdm(
-            total=len(pool),
-            desc=f"pseudo-label ({teacher})",
-            unit="img",
-            disable=not sys.stderr.isatty(),
-        ) as bar:
+        with Progress(len(pool), f"pseudo-label ({teacher})", "images", min_interval=5) as bar:
             start = 0
             for i, probs in enumerate(
                 iter_probabilities(classifier, loader, device, settings.runtime)

@@ -101,6 +101,7 @@ class RuntimeSettings(Strict):
     num_workers: NonNegativeInt
     amp: bool
     channels_last: bool
+    checkpoint_epochs: PositiveInt
 
 
 class ModelTraining(Strict):
@@ -177,6 +178,9 @@ class DistillSettings(Strict):
     enabled: bool
     temperature: PositiveFloat
     alpha: Probability
+    # clean: the teacher's outputs on un-noised images (Noisy Student: the teacher is not noised);
+    # augmented: on the student's own augmented view, computed batch by batch (Beyer et al.)
+    teacher_input: Literal["clean", "augmented"]
 
 
 class MlflowSettings(Strict):

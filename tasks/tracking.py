@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -71,17 +73,71 @@ def training_run(
     tags: dict[str, str],
     params: dict[str, Any],
     parent: ParentRun | None = None,
+    run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run that ends FAILED if the body raises (mlflow.start_run does that)."""
+    """An MLflow run that ends FAILED if the body raises (mlflow.start_run does that).
+
+    ``run_id``: an interrupted attempt's run, carried on (if it still exists) rather than begun
+    anew, so a resumed training keeps one run and one curve."""
+    experiment = experiment_id(cfg)
+    if run_id is not None and not _resumable(run_id, experiment):
+        run_id = None
+    all_tags = {**(parent.tags if parent else {}), **tags, **process_tags()}
+    if run_id is not None and parent is not None:
+        all_tags["mlflow.parentRunId"] = parent.run_id  # now under the run that finishes it
     with mlflow.start_run(
-        experiment_id=experiment_id(cfg),
+        run_id=run_id,
+        experiment_id=experiment,
         run_name=run_name,
-        tags={**(parent.tags if parent else {}), **tags},
-        parent_run_id=parent.run_id if parent else None,
+        tags=all_tags,
+        parent_run_id=parent.run_id if parent and run_id is None else None,
         nested=True,  # an ensemble member's run opens inside its model's run
     ) as run:
         mlflow.log_params(flatten(params))
         yield run
+
+
+def process_tags() -> dict[str, str]:
+    """Which process a run belongs to, so a run left RUNNING by a killed one can be found."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+
+
+def _resumable(run_id: str, experiment: str) -> bool:
+    try:
+        info = mlflow.MlflowClient().get_run(run_id).info
+    except MlflowException:
+        return False
+    return info.experiment_id == experiment and info.lifecycle_stage == "active"
+
+
+def fail_orphaned_runs(cfg: MlflowSettings, keep: set[str] = frozenset()) -> list[str]:
+    """Mark FAILED the runs still RUNNING whose process on this host is gone (killed: a SIGKILL
+    cannot be caught), except ``keep`` (runs about to be carried on). Returns their ids."""
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    host = socket.gethostname()
+    orphans = []
+    for run in client.search_runs(
+        [experiment_id(cfg)],
+        filter_string=f"attributes.status = 'RUNNING' and tags.host = '{host}'",
+    ):
+        pid = run.data.tags.get("pid", "")
+        if run.info.run_id in keep or not pid.isdigit() or _alive(int(pid)):
+            continue
+        client.set_terminated(run.info.run_id, "FAILED")
+        orphans.append(run.info.run_id)
+    if orphans:
+        log.warning("marked %d MLflow run(s) of killed processes FAILED", len(orphans))
+    return orphans
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 def start_parent_run(
@@ -89,7 +145,7 @@ def start_parent_run(
 ) -> ParentRun:
     """Open a run without making it the active one: stages open their own runs beneath it."""
     client = mlflow.MlflowClient(tracking_uri(cfg))
-    run = client.create_run(experiment_id(cfg), run_name=run_name, tags=tags)
+    run = client.create_run(experiment_id(cfg), run_name=run_name, tags={**tags, **process_tags()})
     flat = flatten(params)
     keys = sorted(flat)
     for start in range(0, len(keys), 100):  # MLflow takes at most 100 params per batch

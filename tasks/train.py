@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from tasks import cli, tracking
 from tasks.augment import AUGMENT_DIR, TrainTransform, load_policy, randaugment, seed_policy
 from tasks.data import PREPARED_DIR, Split, TrainingImages, load_classes, load_split
-from tasks.distill import FrozenTeacher
+from tasks.distill import Distillation, FrozenTeacher, precompute
 from tasks.errors import PipelineError
 from tasks.mixing import one_hot, sharpen
 from tasks.models import (
@@ -43,6 +44,7 @@ from tasks.models import (
     weights_name,
 )
 from tasks.pseudo_label import PSEUDO_DIR, load_pseudo_labels
+from tasks.resume import CHECKPOINT_DIR, Checkpoints, MemberCheckpoint, fingerprint
 from tasks.settings import ModelTraining, Settings
 from tasks.trainer import EpochResult, fit, seed_everything
 
@@ -56,7 +58,12 @@ def round_of(settings: Settings, name: str) -> int:
 
 
 def labeled_items(
-    labeled: Split, num_classes: int, spec: ModelTraining, ce_weight: float, kd_weight: float
+    labeled: Split,
+    num_classes: int,
+    spec: ModelTraining,
+    ce_weight: float,
+    kd_weight: float,
+    teacher_probs: np.ndarray | None = None,
 ) -> TrainingImages:
     targets = one_hot(labeled.labels, num_classes, spec.label_smoothing) * ce_weight
     return TrainingImages(
@@ -64,6 +71,7 @@ def labeled_items(
         np.arange(len(labeled)),
         targets,
         np.full(len(labeled), kd_weight, dtype=np.float32),
+        teacher_probs,
     )
 
 
@@ -74,9 +82,12 @@ def training_items(
     classes: list[str],
     data_dir: Path,
     pseudo_dir: Path,
+    clean_teacher: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> tuple[Dataset, int]:
     """Items with their targets and distillation weights (see tasks/distill.py), and how many
-    come from the labeled set. The transform is attached by the caller."""
+    come from the labeled set. ``clean_teacher(images, rows)``: the teacher's distribution at T on
+    clean images, carried by the items when distillation uses it. The caller attaches the
+    transform."""
     labeled = load_split("labeled", data_dir)
     if name == "teacher":
         return labeled_items(labeled, len(classes), spec, 1.0, 0.0), len(labeled)
@@ -88,6 +99,11 @@ def training_items(
         pool_targets = one_hot(pseudo.hard, len(classes), spec.label_smoothing)
     else:
         pool_targets = sharpen(pseudo.probs, settings.pseudo_label.temperature)
+    labeled_probs = pool_probs = None
+    if clean_teacher is not None:
+        labeled_probs = clean_teacher(labeled.images, np.arange(len(labeled)))
+        rows, copy_of = np.unique(pseudo.indices, return_inverse=True)  # each image once
+        pool_probs = clean_teacher(pool.images, rows)[copy_of]
     # distillation on: the pool learns from the teacher's soft output alone (KL term, weight 1)
     pool_ce, pool_kd = (0.0, 1.0) if kd.enabled else (1.0, 0.0)
     pool_items = TrainingImages(
@@ -95,8 +111,9 @@ def training_items(
         pseudo.indices,
         pool_targets * pool_ce,
         np.full(len(pseudo.indices), pool_kd, dtype=np.float32),
+        pool_probs,
     )
-    labeled_part = labeled_items(labeled, len(classes), spec, 1.0 - alpha, alpha)
+    labeled_part = labeled_items(labeled, len(classes), spec, 1.0 - alpha, alpha, labeled_probs)
     return ConcatDataset([labeled_part, pool_items]), len(labeled)
 
 
@@ -113,11 +130,13 @@ def train(
     augment_dir: Path = AUGMENT_DIR,
     pseudo_dir: Path = PSEUDO_DIR,
     models_dir: Path = MODELS_DIR,
+    checkpoint_dir: Path = CHECKPOINT_DIR,
     parent: tracking.ParentRun | None = None,
 ) -> list[EpochResult]:
     """Train model ``name`` (``teacher`` or ``student_<r>``) and write ``models/<name>``.
 
-    ``parent``: the orchestrator's MLflow run, under which this training run is nested.
+    A training killed part-way resumes from its last checkpoint under ``checkpoint_dir``, in the
+    same MLflow run. ``parent``: the orchestrator's MLflow run, under which this one is nested.
     """
     if name not in settings.model_names():
         known = ", ".join(settings.model_names())
@@ -130,12 +149,26 @@ def train(
 
     classes = load_classes(data_dir)
     val = load_split("val", data_dir)
-    train_set, labeled_count = training_items(settings, name, spec, classes, data_dir, pseudo_dir)
     device = resolve_device(settings.runtime)
-    teacher = None
+    distill, clean_teacher = None, None
     if round_ > 0 and settings.distill.enabled:
-        teacher_model, _ = load_checkpoint(models_dir / settings.student(name).teacher)
-        teacher = FrozenTeacher(teacher_model, settings.distill.temperature)
+        kd = settings.distill
+        teacher = FrozenTeacher(load_checkpoint(models_dir / settings.student(name).teacher)[0])
+        if kd.teacher_input == "augmented":
+            distill = Distillation(kd.temperature, online=teacher)
+        else:
+            distill = Distillation(kd.temperature)
+            clean_teacher = functools.partial(
+                precompute,
+                teacher,
+                temperature=kd.temperature,
+                runtime=settings.runtime,
+                device=device,
+                batch_size=settings.pseudo_label.batch_size,
+            )
+    train_set, labeled_count = training_items(
+        settings, name, spec, classes, data_dir, pseudo_dir, clean_teacher
+    )
 
     params = {
         "seed": seed,
@@ -154,6 +187,19 @@ def train(
     log.info(
         "training %s (%s) on %d images on %s", name, "+".join(architectures), len(train_set), device
     )
+    inputs = [data_dir / "labeled" / "images.npy", data_dir / "labeled" / "index.csv"]
+    inputs += [data_dir / "val" / "index.csv", augment_dir / f"{role}.json"]
+    if round_ > 0:
+        inputs.append(pseudo_dir / f"{name}.csv")
+        if settings.distill.enabled:
+            inputs += sorted((models_dir / settings.student(name).teacher).glob("*.safetensors"))
+    checkpoints = Checkpoints(
+        checkpoint_dir / name,
+        fingerprint([params, architectures], inputs),
+        settings.runtime.checkpoint_epochs,
+    )
+    resumed = checkpoints.run_ids()  # the MLflow runs of an interrupted attempt carry on
+    tracking.fail_orphaned_runs(settings.mlflow, keep=set(resumed.values()))
     fit_member = functools.partial(
         train_member,
         settings,
@@ -163,10 +209,13 @@ def train(
         classes=classes,
         policy=load_policy(role, seed, augment_dir),
         device=device,
-        teacher=teacher,
+        distill=distill,
     )
     nets, members, history, rows = [], [], [], []
-    with tracking.training_run(settings.mlflow, name, tags, params, parent) as run:
+    with tracking.training_run(
+        settings.mlflow, name, tags, params, parent, run_id=resumed.get(name)
+    ) as run:
+        checkpoints.remember_run(name, run.info.run_id)
         for k, architecture in enumerate(architectures):
             member_seed = seed + MEMBER_SEED_STRIDE * k
             label = name if len(architectures) == 1 else f"{name}.member_{k}"
@@ -180,10 +229,14 @@ def train(
                     {**tags, "member": str(k)},
                     {**params, "seed": member_seed, "member": k, "architecture": architecture},
                     tracking.ParentRun(run.info.run_id, parent.tags if parent else {}),
+                    run_id=resumed.get(label),
                 )
             )
             with member_run as active:
-                net, curve = fit_member(architecture, member_seed, label)
+                checkpoints.remember_run(label, active.info.run_id)
+                net, curve = fit_member(
+                    architecture, member_seed, label, checkpoint=checkpoints.member(label)
+                )
             mean, std = normalization(net)
             members.append(Member(architecture, weights_name(k), mean, std, active.info.run_id))
             nets.append(net)
@@ -199,6 +252,7 @@ def train(
         tracking.log_model(nets, card)
         curves = pd.DataFrame(rows).to_csv(index=False)
         save_checkpoint(nets, card, models_dir / name, extra_files={"history.csv": curves})
+    checkpoints.clear()
     return history
 
 
@@ -214,7 +268,8 @@ def train_member(
     classes: list[str],
     policy,
     device: torch.device,
-    teacher: FrozenTeacher | None,
+    distill: Distillation | None,
+    checkpoint: MemberCheckpoint,
 ) -> tuple[torch.nn.Module, list[EpochResult]]:
     """One network, trained in place under the active MLflow run."""
     seed_everything(seed)
@@ -244,8 +299,9 @@ def train_member(
         seed,
         on_epoch,
         desc=desc,
-        teacher=teacher,
+        distill=distill,
         on_first_batch=tracking.log_batch_image,
+        checkpoint=checkpoint,
     )
     return net, history
 

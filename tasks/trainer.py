@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from timm.scheduler import CosineLRScheduler
-from tqdm import tqdm
 
-from tasks.data import Split, TrainingImages, make_loader
-from tasks.distill import FrozenTeacher, student_loss
+from tasks.data import Split, TrainingImages, make_loader, parts
+from tasks.distill import Distillation, student_loss
 from tasks.inference import EVAL_BATCH_SIZE, accuracy, autocast, device_memory_format, eval_loader
 from tasks.mixing import BatchMixer
 from tasks.models import Classifier, normalization
+from tasks.progress import Progress, track
+from tasks.resume import MemberCheckpoint, RandomStreams
 from tasks.settings import ModelTraining, RuntimeSettings
 from tasks.transfer import create_optimizer, freeze_backbone, unfreeze_backbone
 
@@ -44,22 +44,24 @@ def fit(
     seed: int,
     on_epoch: Callable[[EpochResult], None],
     desc: str,
-    teacher: FrozenTeacher | None = None,
+    distill: Distillation | None = None,
     on_first_batch: Callable[[torch.Tensor], None] | None = None,
+    checkpoint: MemberCheckpoint | None = None,
 ) -> list[EpochResult]:
     """Train ``model`` in place: AdamW over the transfer-learning parameter groups, timm's warmup
-    + cosine schedule, MixUp/CutMix, and distillation from ``teacher`` when given.
+    + cosine schedule, MixUp/CutMix, and distillation when ``distill`` is given.
 
     The caller seeds the global RNGs (``seed_everything``) before it builds the model.
     ``on_first_batch`` receives the first training batch as the model sees it (augmented, mixed;
-    pixels 0..255), for a picture."""
+    pixels 0..255), for a picture. ``checkpoint``: where the state is saved every few epochs and
+    resumed from, if it holds one."""
     frozen = freeze_backbone(model) if spec.transfer == "linear_probe" else []
     memory_format = device_memory_format(device, runtime)
     model.to(device=device, memory_format=memory_format)
     mean, std = normalization(model)
     classifier = Classifier([model], [mean], [std]).to(device)  # shares the model's weights
-    if teacher is not None:
-        teacher.classifier.to(device=device, memory_format=memory_format)
+    if distill is not None and distill.online is not None:
+        distill.online.classifier.to(device=device, memory_format=memory_format)
     pin = device.type == "cuda"
     # a lone sample in the last batch would break BatchNorm: drop that one only
     loader = make_loader(
@@ -84,29 +86,38 @@ def fit(
     )
     scheduler.step_update(0)  # applies each group's lr_scale from the very first batch
     mixer = BatchMixer(spec)
-    temperature = teacher.temperature if teacher is not None else 1.0
-    interactive = sys.stderr.isatty()
+    temperature = distill.temperature if distill is not None else 1.0
+    policies = [d.transform.policy for d in parts(train_set) if d.transform is not None]
+    streams = RandomStreams(policies[0] if policies else None, loader.generator)
     history: list[EpochResult] = []
-    bar = tqdm(range(1, spec.epochs + 1), desc=desc, unit="epoch", disable=not interactive)
     update = 0
-    for epoch in bar:
+    state = checkpoint.load(model, optimizer, streams) if checkpoint is not None else None
+    if state is not None:
+        update = state["update"]
+        history = [EpochResult(**row) for row in state["history"]]
+        scheduler.step_update(update)
+        log.info("%s: resumed after epoch %d of %d", desc, state["epoch"], spec.epochs)
+    epochs = Progress(spec.epochs, desc, "epochs", initial=len(history))
+    for epoch in range(len(history) + 1, spec.epochs + 1):
         start = time.perf_counter()
         classifier.train()
         loss_sum = torch.zeros((), device=device)
         seen = 0
-        for images, targets, kd_weights in tqdm(
-            loader, leave=False, unit="batch", disable=not interactive
+        # batches show on a terminal, and in logs only when an epoch takes minutes
+        for images, targets, kd_weights, teacher_probs in track(
+            loader, steps, f"{desc} epoch {epoch}", "batches", leave=False, min_interval=60
         ):
             x = images.to(device, non_blocking=True).float()
             y = targets.to(device, non_blocking=True)
             k = kd_weights.to(device, non_blocking=True)
-            x, y, k = mixer(x, y, k)
+            q = teacher_probs.to(device, non_blocking=True)
+            x, y, k, q = mixer(x, y, k, q)
             x = x.contiguous(memory_format=memory_format)
             if on_first_batch is not None and update == 0:
                 on_first_batch(x.detach().clamp(0, 255).to(torch.uint8).cpu())
             with autocast(device, runtime):
                 logits = classifier(x)
-                soft = teacher(x) if teacher is not None else None
+                soft = distill.targets(x, q) if distill is not None else None
             loss = student_loss(logits, y, k, soft, temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -123,16 +134,11 @@ def fit(
         )
         history.append(result)
         on_epoch(result)
-        bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.3f}")
-        if not interactive and (epoch % max(1, spec.epochs // 5) == 0 or epoch == spec.epochs):
-            log.info(
-                "%s epoch %d/%d  train_loss %.4f  val_accuracy %.4f",
-                desc,
-                epoch,
-                spec.epochs,
-                train_loss,
-                val_acc,
-            )
+        if checkpoint is not None and checkpoint.due(epoch, spec.epochs):
+            counters = {"epoch": epoch, "update": update, "history": [asdict(r) for r in history]}
+            checkpoint.save(model, optimizer, streams, counters)
+        epochs.update(1, train_loss=f"{train_loss:.4f}", val_accuracy=f"{val_acc:.4f}")
+    epochs.close()
     if frozen:
         unfreeze_backbone(model, frozen)
     return history

@@ -82,7 +82,7 @@ def make_project(dest: Path, params: dict[str, Any]) -> Path:
         )
     shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
     write_params(dest / "params.yaml", params)
-    (dest / ".gitignore").write_text("mlflow.db\nmlruns/\n__pycache__/\n.prefect/\n")
+    (dest / ".gitignore").write_text("mlflow.db\nmlruns/\n__pycache__/\n.prefect/\ncheckpoints/\n")
     env = venv_env()
     for cmd in (
         ["git", "init", "-q"],

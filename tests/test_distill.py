@@ -76,13 +76,13 @@ def tiny_net(seed: int) -> torch.nn.Module:
 
 def test_only_the_student_receives_gradients():
     teacher = FrozenTeacher(
-        Classifier([tiny_net(0), tiny_net(1)], [[0.5] * 3] * 2, [[0.25] * 3] * 2), 4.0
+        Classifier([tiny_net(0), tiny_net(1)], [[0.5] * 3] * 2, [[0.25] * 3] * 2)
     )
     before = {k: v.clone() for k, v in teacher.classifier.state_dict().items()}
     student = Classifier([tiny_net(2)], [[0.5] * 3], [[0.25] * 3]).train()
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     images = torch.rand(4, 3, 16, 16) * 255
-    soft = teacher(images)
+    soft = teacher(images, 4.0)
     assert not soft.requires_grad
     torch.testing.assert_close(soft.sum(1), torch.ones(4))
     loss = student_loss(student(images), torch.zeros(4, 3), torch.ones(4), soft, 4.0)
@@ -106,3 +106,41 @@ def test_ensemble_averages_member_probabilities():
         torch.testing.assert_close(ensemble.probs(images, 3.0), (members[0] + members[1]) / 2)
         averaged = ensemble.probs(images)
         torch.testing.assert_close(torch.softmax(ensemble(images), 1), averaged)
+
+
+def test_clean_and_online_teachers_agree_when_nothing_is_noised():
+    """Without augmentation or mixing the student's view is the clean image, so the teacher's
+    outputs computed once ahead must train the student exactly like the teacher run per batch."""
+    from conftest import load_params
+
+    from tasks.data import UNKNOWN, Split, TrainingImages
+    from tasks.distill import Distillation, precompute
+    from tasks.settings import ModelTraining, RuntimeSettings
+    from tasks.trainer import fit
+
+    cpu = RuntimeSettings(
+        device="cpu", num_workers=0, amp=False, channels_last=False, checkpoint_epochs=1
+    )
+    recipe = {k: v for k, v in load_params()["students"][0].items() if k not in ("name", "teacher")}
+    recipe.update(model="test_resnet", epochs=1, warmup_epochs=0, batch_size=4, drop_rate=0.0)
+    recipe.update(drop_path_rate=0.0, randaugment_n=0)
+    spec = ModelTraining.model_validate(recipe)
+    teacher = FrozenTeacher(
+        Classifier([tiny_net(0), tiny_net(1)], [[0.5] * 3] * 2, [[0.2] * 3] * 2)
+    )
+    images = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+    rows = np.arange(8)
+    carried = precompute(teacher, images, rows, 2.0, cpu, torch.device("cpu"), batch_size=3)
+    with torch.no_grad():
+        direct = teacher(torch.from_numpy(images).permute(0, 3, 1, 2).float(), 2.0)
+    np.testing.assert_allclose(carried, direct.numpy(), rtol=1e-5, atol=1e-6)
+    val = Split(images[:2], ["a", "b"], np.array([0, 1]), np.full(2, UNKNOWN))
+    weights = []
+    for distill, probs in ((Distillation(2.0), carried), (Distillation(2.0, teacher), None)):
+        items = TrainingImages(images, rows, np.zeros((8, 3)), np.ones(8), probs)
+        torch.manual_seed(5)
+        student = tiny_net(5)
+        fit(student, items, val, spec, cpu, torch.device("cpu"), 0, lambda r: None, "s", distill)
+        weights.append(student.state_dict())
+    for key, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][key], rtol=1e-4, atol=1e-5)

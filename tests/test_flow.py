@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import ROOT, load_params, make_project, run, shrink, venv_env
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
@@ -300,6 +300,8 @@ def test_failed_round_resumes_at_the_failed_stage(prefect_server, tmp_path, fail
 
 @pytest.mark.slow
 def test_served_deployment_runs_through_the_api(prefect_server, tmp_path):
+    """Two deployment runs started at the same moment: one waits for the other (the project's
+    run lock), both complete, and neither corrupts the outputs or the MLflow store."""
     project = tiny_project(tmp_path / "p")
     env = {**venv_env(), "PREFECT_API_URL": prefect_server}
     serve = subprocess.Popen(
@@ -323,11 +325,24 @@ def test_served_deployment_runs_through_the_api(prefect_server, tmp_path):
                             f"no deployment served:\n{serve.stdout.read()}"
                         ) from None
                     time.sleep(1)
-        flow_run_ = run_deployment("self-training/demo", timeout=600, poll_interval=2)
-        assert flow_run_.state.is_completed(), flow_run_.state.message
+            started = [run_deployment("self-training/demo", timeout=0) for _ in range(2)]
+            deadline = time.monotonic() + 900
+            while True:
+                states = [client.read_flow_run(r.id).state for r in started]
+                if all(state.is_final() for state in states):
+                    break
+                assert time.monotonic() < deadline, [s.name for s in states]
+                time.sleep(2)
+            assert all(state.is_completed() for state in states), [s.message for s in states]
+            logs = [
+                log.message
+                for r in started
+                for log in client.read_logs(LogFilter(flow_run_id={"any_": [r.id]}))
+            ]
     finally:
         serve.terminate()
         serve.wait(timeout=60)
+    assert any("another self-training run holds" in message for message in logs)
     assert set(json.loads((project / "metrics.json").read_text())) == {
         "teacher",
         "student_1",
@@ -335,6 +350,11 @@ def test_served_deployment_runs_through_the_api(prefect_server, tmp_path):
     }
     assert dvc_status(project) == {}
     assert os.path.exists(project / "pseudo_labels/student_2.csv")
+    runs = mlflow_runs(project)
+    parents = [r for r in runs if r.data.tags.get("stage") == "flow"]
+    trainings = [r for r in runs if r.data.tags.get("stage") != "flow"]
+    assert len(parents) == 2 and len(trainings) == 3  # the second run trained nothing again
+    assert {r.info.status for r in runs} == {"FINISHED"}
 
 
 def test_overrides_hold_for_the_run_and_leave_params_yaml_as_it_was(tmp_path):

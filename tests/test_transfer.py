@@ -26,7 +26,9 @@ from tasks.transfer import (
     parameter_groups,
 )
 
-CPU = RuntimeSettings(device="cpu", num_workers=0, amp=False, channels_last=False)
+CPU = RuntimeSettings(
+    device="cpu", num_workers=0, amp=False, channels_last=False, checkpoint_epochs=1
+)
 
 
 def spec(**changes) -> ModelTraining:
