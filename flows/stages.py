@@ -34,7 +34,7 @@ def plan(settings: Settings) -> list[Step]:
         Step(
             "train_teacher",
             "train teacher",
-            lambda s, parent: train.train(s, "teacher", parent=parent),
+            lambda s, parent: train.train_or_launch(s, "teacher", parent),
             model="teacher",
         ),
     ]
@@ -51,7 +51,7 @@ def plan(settings: Settings) -> list[Step]:
             Step(
                 f"train_student@{index}",
                 f"train {name}",
-                lambda s, parent, name=name: train.train(s, name, parent=parent),
+                lambda s, parent, name=name: train.train_or_launch(s, name, parent),
                 model=name,
             )
         )

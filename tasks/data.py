@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from tasks.errors import PipelineError
 
@@ -139,19 +139,33 @@ def make_loader(
     pin_memory: bool,
     seed: int,
     drop_last: bool = False,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
+    """``sampler``: the training order (``training_sampler``); the loader's own generator then
+    only seeds the workers."""
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
         # training workers start afresh each epoch, seeded from the loader's generator, so that a
         # resumed training draws what an uninterrupted one would (tasks/resume.py)
-        persistent_workers=num_workers > 0 and not shuffle,
+        persistent_workers=num_workers > 0 and not shuffle and sampler is None,
         worker_init_fn=_reseed_worker if num_workers > 0 else None,
         generator=generator,
         drop_last=drop_last,
+    )
+
+
+def training_sampler(dataset: Dataset, seed: int, rank: int, world_size: int) -> DistributedSampler:
+    """This process's share of a fresh permutation every epoch (``set_epoch``), drawn from
+    ``seed + epoch``. One process takes the whole permutation; with several, the union of their
+    k-th batches is the k-th batch of that same permutation, so a DDP run sees the global batches
+    a single process would (PyTorch's DistributedSampler)."""
+    return DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
     )

@@ -7,6 +7,7 @@ member; an ensemble teacher has several, whose averaged probabilities are its pr
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -136,11 +137,15 @@ def load_checkpoint(
 
 
 def resolve_device(runtime: RuntimeSettings) -> torch.device:
+    """The device of this process: under torchrun, GPU ``LOCAL_RANK`` of the machine."""
     if runtime.device == "cuda" and not torch.cuda.is_available():
         raise PipelineError("runtime.device is 'cuda' but no CUDA device is available")
-    if runtime.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(runtime.device)
+    kind = runtime.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device(kind)
 
 
 class Normalize(torch.nn.Module):

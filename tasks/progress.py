@@ -24,10 +24,13 @@ class Progress:
         initial: int = 0,
         leave: bool = True,
         min_interval: float = 0.0,
+        enabled: bool = True,
     ) -> None:
+        """``enabled`` False: silent (the other processes of a distributed run)."""
         self.total, self.desc, self.unit = total, desc, unit
         self.done = initial
         self.min_interval = min_interval
+        self.enabled = enabled
         self.interactive = sys.stderr.isatty()
         self.bar = tqdm(
             total=total,
@@ -35,15 +38,18 @@ class Progress:
             desc=desc,
             unit=unit,
             leave=leave,
-            disable=not self.interactive,
+            disable=not (self.interactive and enabled),
         )
         self.start = time.monotonic()
         self.start_done = initial
         self.last_log = self.start
+        self.logged = False
         self.next_tenth = initial * 10 // max(total, 1) + 1
 
     def update(self, n: int = 1, **postfix: Any) -> None:
         self.done += n
+        if not self.enabled:
+            return
         if self.interactive:
             if postfix:
                 self.bar.set_postfix(postfix, refresh=False)
@@ -51,10 +57,12 @@ class Progress:
             return
         tenth = self.done * 10 // max(self.total, 1)
         now = time.monotonic()
-        final = self.done >= self.total
+        # the last line only closes what earlier lines began: a quick step stays silent
+        final = self.done >= self.total and (self.logged or not self.min_interval)
         if tenth >= self.next_tenth and (final or now - self.last_log >= self.min_interval):
             self.next_tenth = tenth + 1
             self.last_log = now
+            self.logged = True
             log.info("%s", self.line(now, postfix))
 
     def line(self, now: float, postfix: dict[str, Any]) -> str:

@@ -52,7 +52,7 @@ class Checkpoints:
         meta = self.folder / "run.json"
         if meta.exists() and json.loads(meta.read_text()).get("fingerprint") != fingerprint:
             log.info("%s: made for other inputs or settings; starting afresh", self.folder)
-            shutil.rmtree(self.folder)
+            shutil.rmtree(self.folder, ignore_errors=True)  # every DDP process may get here
 
     def run_ids(self) -> dict[str, str]:
         """MLflow runs of the interrupted training (label -> run id), to carry on logging into."""
@@ -73,18 +73,34 @@ class Checkpoints:
 
 
 class MemberCheckpoint:
-    """``<label>.json`` naming ``<label>.epoch<E>.safetensors`` (weights, optimizer tensors, RNG
-    states). The tensors are written first under a new name, then the JSON: a kill at any moment
-    leaves a JSON that names a complete file."""
+    """``<label>.epoch<E>.safetensors`` (weights, optimizer tensors, RNG states) beside
+    ``<label>.epoch<E>.json``, written in that order: an epoch counts once its JSON exists, so a
+    kill at any moment leaves complete checkpoints only. The last two are kept: the processes of
+    a distributed run may be one checkpoint apart when killed, and resume from the one they all
+    have."""
+
+    KEEP = 2
 
     def __init__(self, folder: Path, label: str, every: int) -> None:
         self.folder = folder
         self.label = label
-        self.meta = folder / f"{label}.json"
         self.every = every
 
     def due(self, epoch: int, epochs: int) -> bool:
         return epoch % self.every == 0 or epoch == epochs
+
+    def _files(self, epoch: int) -> tuple[Path, Path]:
+        stem = self.folder / f"{self.label}.epoch{epoch}"
+        return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+    def epochs(self) -> list[int]:
+        """Epochs with a complete checkpoint, oldest first."""
+        found = []
+        for meta in self.folder.glob(f"{self.label}.epoch*.json"):
+            epoch = meta.name.removeprefix(f"{self.label}.epoch").removesuffix(".json")
+            if epoch.isdigit() and self._files(int(epoch))[0].exists():
+                found.append(int(epoch))
+        return sorted(found)
 
     def save(
         self,
@@ -98,25 +114,27 @@ class MemberCheckpoint:
         }
         optim_tensors, optim_meta = _split_optimizer(optimizer.state_dict())
         rng_tensors, rng_meta = streams.state()
-        name = f"{self.label}.epoch{counters['epoch']}.safetensors"
-        with atomic_path(self.folder / name) as tmp:
+        tensor_file, meta_file = self._files(counters["epoch"])
+        with atomic_path(tensor_file) as tmp:
             save_file({**tensors, **optim_tensors, **rng_tensors}, tmp)
-        meta = {"tensors": name, "counters": counters, "optimizer": optim_meta, "rng": rng_meta}
-        with atomic_path(self.meta) as tmp:
+        meta = {"counters": counters, "optimizer": optim_meta, "rng": rng_meta}
+        with atomic_path(meta_file) as tmp:
             tmp.write_text(json.dumps(meta))
-        for old in self.folder.glob(f"{self.label}.epoch*.safetensors"):
-            if old.name != name:
-                old.unlink()
+        for old in self.epochs()[: -self.KEEP]:
+            for path in reversed(self._files(old)):  # the JSON first: never a JSON without data
+                path.unlink(missing_ok=True)
 
     def load(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, streams: RandomStreams
-    ) -> dict[str, Any] | None:
-        """Restore the state of the last checkpoint and return its counters (None: there is none,
-        start from the beginning)."""
-        if not self.meta.exists():
-            return None
-        meta = json.loads(self.meta.read_text())
-        tensors = load_file(self.folder / meta["tensors"])
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        streams: RandomStreams,
+        epoch: int,
+    ) -> dict[str, Any]:
+        """Restore the state saved after ``epoch`` and return its counters."""
+        tensor_file, meta_file = self._files(epoch)
+        meta = json.loads(meta_file.read_text())
+        tensors = load_file(tensor_file)
         prefix = "model."
         weights = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         model.load_state_dict(weights)

@@ -102,6 +102,15 @@ class RuntimeSettings(Strict):
     amp: bool
     channels_last: bool
     checkpoint_epochs: PositiveInt
+    devices: PositiveInt  # training processes per machine (torchrun --nproc_per_node)
+    nodes: PositiveInt  # machines (torchrun --nnodes)
+    rdzv_endpoint: Annotated[str, Field(pattern=r"^[^:\s]+:\d+$")] | None  # node 0's host:port
+
+    @model_validator(mode="after")
+    def _nodes_meet(self) -> RuntimeSettings:
+        if self.nodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError("runtime.nodes > 1 needs runtime.rdzv_endpoint (host:port of node 0)")
+        return self
 
 
 class ModelTraining(Strict):

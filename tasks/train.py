@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +27,7 @@ import pandas as pd
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from tasks import cli, tracking
+from tasks import cli, distributed, tracking
 from tasks.augment import AUGMENT_DIR, TrainTransform, load_policy, randaugment, seed_policy
 from tasks.data import PREPARED_DIR, Split, TrainingImages, load_classes, load_split
 from tasks.distill import Distillation, FrozenTeacher, precompute
@@ -50,6 +51,7 @@ from tasks.trainer import EpochResult, fit, seed_everything
 
 log = logging.getLogger(__name__)
 MEMBER_SEED_STRIDE = 1000  # ensemble member k trains with seed + 1000 * k
+RANK_SEED_STRIDE = 100_003  # DDP process r augments with seed + 100003 * r
 
 
 def round_of(settings: Settings, name: str) -> int:
@@ -198,8 +200,7 @@ def train(
         fingerprint([params, architectures], inputs),
         settings.runtime.checkpoint_epochs,
     )
-    resumed = checkpoints.run_ids()  # the MLflow runs of an interrupted attempt carry on
-    tracking.fail_orphaned_runs(settings.mlflow, keep=set(resumed.values()))
+    here = distributed.world()
     fit_member = functools.partial(
         train_member,
         settings,
@@ -211,14 +212,25 @@ def train(
         device=device,
         distill=distill,
     )
+    labels = [
+        name if len(architectures) == 1 else f"{name}.member_{k}" for k in range(len(architectures))
+    ]
+    if not here.main:  # the other processes of a DDP run: train alongside rank 0, write nothing
+        for k, (architecture, label) in enumerate(zip(architectures, labels, strict=True)):
+            rank_label = f"{label}.rank{here.rank}"
+            fit_member(
+                architecture, seed + MEMBER_SEED_STRIDE * k, label, checkpoints.member(rank_label)
+            )
+        return []
+    resumed = checkpoints.run_ids()  # the MLflow runs of an interrupted attempt carry on
+    tracking.fail_orphaned_runs(settings.mlflow, keep=set(resumed.values()))
     nets, members, history, rows = [], [], [], []
     with tracking.training_run(
         settings.mlflow, name, tags, params, parent, run_id=resumed.get(name)
     ) as run:
         checkpoints.remember_run(name, run.info.run_id)
-        for k, architecture in enumerate(architectures):
+        for k, (architecture, label) in enumerate(zip(architectures, labels, strict=True)):
             member_seed = seed + MEMBER_SEED_STRIDE * k
-            label = name if len(architectures) == 1 else f"{name}.member_{k}"
             # an ensemble's members get runs of their own, nested under the model's run
             member_run = (
                 contextlib.nullcontext(run)
@@ -234,8 +246,9 @@ def train(
             )
             with member_run as active:
                 checkpoints.remember_run(label, active.info.run_id)
+                rank_label = label if here.size == 1 else f"{label}.rank0"
                 net, curve = fit_member(
-                    architecture, member_seed, label, checkpoint=checkpoints.member(label)
+                    architecture, member_seed, label, checkpoints.member(rank_label)
                 )
             mean, std = normalization(net)
             members.append(Member(architecture, weights_name(k), mean, std, active.info.run_id))
@@ -262,6 +275,7 @@ def train_member(
     architecture: str,
     seed: int,
     desc: str,
+    checkpoint: MemberCheckpoint,
     *,
     train_set: Dataset,
     val: Split,
@@ -269,7 +283,6 @@ def train_member(
     policy,
     device: torch.device,
     distill: Distillation | None,
-    checkpoint: MemberCheckpoint,
 ) -> tuple[torch.nn.Module, list[EpochResult]]:
     """One network, trained in place under the active MLflow run."""
     seed_everything(seed)
@@ -277,6 +290,10 @@ def train_member(
     noise = randaugment(spec.randaugment_n, spec.randaugment_m, settings.data.image_size)
     attach_transform(train_set, TrainTransform(policy, noise if spec.randaugment_n > 0 else None))
     net = create_model(spec, len(classes), architecture)
+    rank = distributed.world().rank
+    if rank > 0:  # the same initial weights everywhere, but each process its own noise
+        seed_everything(seed + RANK_SEED_STRIDE * rank)
+        seed_policy(policy, seed + RANK_SEED_STRIDE * rank)
 
     def on_epoch(result: EpochResult) -> None:
         metrics = {
@@ -327,6 +344,18 @@ def check_round_flags(settings: Settings, name: str, flags: list[str]) -> None:
             raise PipelineError(f"{name}: --{key} {given} differs from params.yaml ({expected})")
 
 
+def train_or_launch(
+    settings: Settings, name: str, parent: tracking.ParentRun | None = None
+) -> list[EpochResult]:
+    """``train`` in this process, or under torchrun when ``runtime`` asks for several processes
+    (the Prefect flow's entry: the processes get the parent MLflow run through the environment)."""
+    if not distributed.wanted(settings.runtime):
+        return train(settings, name, parent=parent)
+    env = distributed.parent_env(parent.run_id, parent.tags) if parent else {}
+    distributed.launch(settings.runtime, "tasks.train", ["--name", name], env)
+    return []
+
+
 def main() -> None:
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("--name", required=True, help="teacher, student_1, student_2, ...")
@@ -337,7 +366,15 @@ def main() -> None:
             check_round_flags(settings, args.name, round_flags)
         elif round_flags:
             raise PipelineError(f"unexpected options for the teacher: {' '.join(round_flags)}")
-        train(settings, args.name)
+        if distributed.wanted(settings.runtime):  # start again as torchrun's processes
+            distributed.launch(settings.runtime, "tasks.train", sys.argv[1:])
+            return
+        distributed.setup(resolve_device(settings.runtime).type)
+        parent = distributed.parent_from_env()
+        try:
+            train(settings, args.name, parent=tracking.ParentRun(*parent) if parent else None)
+        finally:
+            distributed.teardown()
 
     cli.run(run, args)
 

@@ -10,9 +10,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from timm.scheduler import CosineLRScheduler
+from torch.nn.parallel import DistributedDataParallel
 
-from tasks.data import Split, TrainingImages, make_loader, parts
+from tasks import distributed
+from tasks.data import Split, TrainingImages, make_loader, parts, training_sampler
 from tasks.distill import Distillation, student_loss
+from tasks.errors import PipelineError
 from tasks.inference import EVAL_BATCH_SIZE, accuracy, autocast, device_memory_format, eval_loader
 from tasks.mixing import BatchMixer
 from tasks.models import Classifier, normalization
@@ -22,6 +25,7 @@ from tasks.settings import ModelTraining, RuntimeSettings
 from tasks.transfer import create_optimizer, freeze_backbone, unfreeze_backbone
 
 log = logging.getLogger(__name__)
+WORKER_SEED_STRIDE = 7919  # rank r's DataLoader workers draw from seed + 7919 r
 
 
 @dataclass(frozen=True)
@@ -55,23 +59,37 @@ def fit(
     ``on_first_batch`` receives the first training batch as the model sees it (augmented, mixed;
     pixels 0..255), for a picture. ``checkpoint``: where the state is saved every few epochs and
     resumed from, if it holds one."""
+    here = distributed.world()
+    if spec.batch_size % here.size:
+        raise PipelineError(
+            f"batch_size {spec.batch_size} is the global batch: it must divide evenly among the "
+            f"{here.size} training processes (runtime.devices x runtime.nodes)"
+        )
+    batch_size = spec.batch_size // here.size  # this process's share of the global batch
     frozen = freeze_backbone(model) if spec.transfer == "linear_probe" else []
     memory_format = device_memory_format(device, runtime)
     model.to(device=device, memory_format=memory_format)
     mean, std = normalization(model)
+    # evaluation runs on rank 0 alone, on the plain model: DDP's forward is a collective call
     classifier = Classifier([model], [mean], [std]).to(device)  # shares the model's weights
+    trained = classifier
+    if here.size > 1:  # gradients averaged across processes at every backward
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.index else None)
+        trained = Classifier([ddp], [mean], [std]).to(device)
     if distill is not None and distill.online is not None:
         distill.online.classifier.to(device=device, memory_format=memory_format)
     pin = device.type == "cuda"
+    sampler = training_sampler(train_set, seed, here.rank, here.size)
     # a lone sample in the last batch would break BatchNorm: drop that one only
     loader = make_loader(
         train_set,
-        spec.batch_size,
-        shuffle=True,
+        batch_size,
+        shuffle=False,
         num_workers=runtime.num_workers,
         pin_memory=pin,
-        seed=seed,
-        drop_last=len(train_set) % spec.batch_size == 1,
+        seed=seed + WORKER_SEED_STRIDE * here.rank,
+        drop_last=len(sampler) % batch_size == 1,
+        sampler=sampler,
     )
     val_loader = eval_loader(val.images, EVAL_BATCH_SIZE, runtime, device)
     optimizer = create_optimizer(model, spec)
@@ -90,22 +108,31 @@ def fit(
     policies = [d.transform.policy for d in parts(train_set) if d.transform is not None]
     streams = RandomStreams(policies[0] if policies else None, loader.generator)
     history: list[EpochResult] = []
-    update = 0
-    state = checkpoint.load(model, optimizer, streams) if checkpoint is not None else None
+    update, done = 0, 0
+    state = None
+    if checkpoint is not None:
+        # the newest checkpoint every process has (they may be one apart after a kill)
+        saved = checkpoint.epochs()
+        common = distributed.least(max(saved, default=0))
+        if common and distributed.least(int(common in saved)):
+            state = checkpoint.load(model, optimizer, streams, common)
     if state is not None:
-        update = state["update"]
+        update, done = state["update"], state["epoch"]
         history = [EpochResult(**row) for row in state["history"]]
         scheduler.step_update(update)
-        log.info("%s: resumed after epoch %d of %d", desc, state["epoch"], spec.epochs)
-    epochs = Progress(spec.epochs, desc, "epochs", initial=len(history))
-    for epoch in range(len(history) + 1, spec.epochs + 1):
+        if here.main:
+            log.info("%s: resumed after epoch %d of %d", desc, done, spec.epochs)
+    epochs = Progress(spec.epochs, desc, "epochs", initial=done, enabled=here.main)
+    for epoch in range(done + 1, spec.epochs + 1):
         start = time.perf_counter()
-        classifier.train()
+        sampler.set_epoch(epoch)
+        trained.train()
         loss_sum = torch.zeros((), device=device)
-        seen = 0
+        seen = torch.zeros((), device=device)
         # batches show on a terminal, and in logs only when an epoch takes minutes
+        batches = f"{desc} epoch {epoch}"
         for images, targets, kd_weights, teacher_probs in track(
-            loader, steps, f"{desc} epoch {epoch}", "batches", leave=False, min_interval=60
+            loader, steps, batches, "batches", leave=False, min_interval=60, enabled=here.main
         ):
             x = images.to(device, non_blocking=True).float()
             y = targets.to(device, non_blocking=True)
@@ -113,10 +140,10 @@ def fit(
             q = teacher_probs.to(device, non_blocking=True)
             x, y, k, q = mixer(x, y, k, q)
             x = x.contiguous(memory_format=memory_format)
-            if on_first_batch is not None and update == 0:
+            if on_first_batch is not None and update == 0 and here.main:
                 on_first_batch(x.detach().clamp(0, 255).to(torch.uint8).cpu())
             with autocast(device, runtime):
-                logits = classifier(x)
+                logits = trained(x)
                 soft = distill.targets(x, q) if distill is not None else None
             loss = student_loss(logits, y, k, soft, temperature)
             optimizer.zero_grad(set_to_none=True)
@@ -126,7 +153,15 @@ def fit(
             scheduler.step_update(update)
             loss_sum += loss.detach() * len(y)  # stays on the device: no host sync per batch
             seen += len(y)
-        train_loss = float(loss_sum.item() / max(seen, 1))
+        if here.size > 1:  # the loss over the global batch, as one process would report it
+            torch.distributed.all_reduce(loss_sum)
+            torch.distributed.all_reduce(seen)
+        train_loss = float(loss_sum.item() / max(seen.item(), 1))
+        if not here.main:  # rank 0 evaluates, logs and saves; the others only train
+            if checkpoint is not None and checkpoint.due(epoch, spec.epochs):
+                counters = {"epoch": epoch, "update": update, "history": []}
+                checkpoint.save(model, optimizer, streams, counters)
+            continue
         val_acc = accuracy(classifier, val_loader, val.labels, device, runtime)
         lr_head, lr_backbone = group_lrs(optimizer)
         result = EpochResult(

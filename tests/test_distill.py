@@ -118,8 +118,8 @@ def test_clean_and_online_teachers_agree_when_nothing_is_noised():
     from tasks.settings import ModelTraining, RuntimeSettings
     from tasks.trainer import fit
 
-    cpu = RuntimeSettings(
-        device="cpu", num_workers=0, amp=False, channels_last=False, checkpoint_epochs=1
+    cpu = RuntimeSettings.model_validate(
+        {**load_params()["runtime"], "device": "cpu", "num_workers": 0}
     )
     recipe = {k: v for k, v in load_params()["students"][0].items() if k not in ("name", "teacher")}
     recipe.update(model="test_resnet", epochs=1, warmup_epochs=0, batch_size=4, drop_rate=0.0)

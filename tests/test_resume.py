@@ -3,7 +3,6 @@ exactly where an uninterrupted run ends; a killed run's MLflow run never stays R
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -27,9 +26,17 @@ def project_params() -> dict:
     return params
 
 
+def checkpointed_epoch(folder: Path, label: str) -> int:
+    """The newest epoch with a complete checkpoint (its JSON is written last)."""
+    names = [p.name for p in folder.glob(f"{label}.epoch*.json")] if folder.exists() else []
+    return max(
+        (int(n.removeprefix(f"{label}.epoch").removesuffix(".json")) for n in names), default=0
+    )
+
+
 def kill_training_after(project: Path, epoch: int) -> None:
     """Start the teacher's training and SIGKILL it once checkpoint ``epoch`` is written."""
-    meta = project / "checkpoints/teacher/teacher.json"
+    folder = project / "checkpoints/teacher"
     process = subprocess.Popen(
         [sys.executable, "-m", "tasks.train", "--name", "teacher"],
         cwd=project,
@@ -39,7 +46,7 @@ def kill_training_after(project: Path, epoch: int) -> None:
     )
     deadline = time.monotonic() + 300
     while True:
-        if meta.exists() and json.loads(meta.read_text())["counters"]["epoch"] >= epoch:
+        if checkpointed_epoch(folder, "teacher") >= epoch:
             break
         assert process.poll() is None, "the training ended before it could be killed"
         assert time.monotonic() < deadline, "no checkpoint written"

@@ -26,8 +26,8 @@ from tasks.transfer import (
     parameter_groups,
 )
 
-CPU = RuntimeSettings(
-    device="cpu", num_workers=0, amp=False, channels_last=False, checkpoint_epochs=1
+CPU = RuntimeSettings.model_validate(
+    {**load_params()["runtime"], "device": "cpu", "num_workers": 0}
 )
 
 
