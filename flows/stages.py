@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tasks.errors import PipelineError
@@ -26,7 +27,7 @@ class Step:
 def plan(settings: Settings) -> list[Step]:
     # modules are looked up when a step runs, not bound here, so every call goes to the function
     # dvc.yaml's command calls today
-    from tasks import augment, evaluate, prepare, pseudo_label, train
+    from tasks import augment, evaluate, prepare, train
 
     steps = [
         Step("prepare", "prepare", lambda s, parent: prepare.prepare(s)),
@@ -44,7 +45,7 @@ def plan(settings: Settings) -> list[Step]:
             Step(
                 f"pseudo_label@{index}",
                 f"pseudo-label for {name}",
-                lambda s, parent, name=name: pseudo_label.pseudo_label(s, name),
+                lambda s, parent, name=name: label_pool(s, name),
             )
         )
         steps.append(
@@ -57,6 +58,17 @@ def plan(settings: Settings) -> list[Step]:
         )
     steps.append(Step("evaluate", "evaluate", lambda s, parent: evaluate.evaluate(s)))
     return steps
+
+
+def label_pool(settings: Settings, student: str) -> dict:
+    """The pseudo_label stage: in this process, or its shards on Dask workers (flows/sharded.py)."""
+    from tasks import pseudo_label
+
+    if settings.pseudo_label.shards == 1:
+        return pseudo_label.pseudo_label(settings, student)
+    from flows import sharded
+
+    return sharded.run(settings, student, Path.cwd())
 
 
 def check_against_dag(steps: list[Step], names: list[str], edges: list[tuple[str, str]]) -> None:

@@ -16,8 +16,11 @@ ones where a class has more, each kept image repeated where it has fewer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +30,7 @@ import torch
 
 from tasks import cli
 from tasks.atomic import atomic_path
-from tasks.data import PREPARED_DIR, UNKNOWN, Split, load_split
+from tasks.data import PREPARED_DIR, UNKNOWN, Split, load_classes, load_split
 from tasks.errors import PipelineError
 from tasks.inference import eval_loader, iter_probabilities
 from tasks.models import MODELS_DIR, load_checkpoint, resolve_device
@@ -122,44 +125,111 @@ def pseudo_label(
     models_dir: Path = MODELS_DIR,
     out_dir: Path = PSEUDO_DIR,
 ) -> dict:
-    """Label the pool with the teacher of round ``student``; write the table and its summary."""
+    """Label the pool with the teacher of round ``student``; write the table and its summary.
+
+    In ``pseudo_label.shards`` shards, one after another here; the Prefect flow labels the same
+    shards in parallel on Dask workers (flows/sharded.py). Either way, the same table."""
+    pool = load_split("unlabeled", data_dir)
+    cfg = settings.pseudo_label
+    with shard_folder(out_dir, student) as folder:
+        files = [
+            label_shard(settings, student, start, end, folder / f"{k}.csv", data_dir, models_dir)
+            for k, (start, end) in enumerate(shard_bounds(len(pool), cfg.batch_size, cfg.shards))
+        ]
+        return merge_shards(settings, student, files, data_dir=data_dir, out_dir=out_dir)
+
+
+def shard_bounds(rows: int, batch_size: int, shards: int) -> list[tuple[int, int]]:
+    """Cut rows [0, rows) into at most ``shards`` runs of whole batches, so that every batch is
+    the batch one process labeling the whole pool would see: the same numbers, to the bit."""
+    if rows == 0:
+        raise PipelineError("the unlabeled pool is empty: run the prepare stage with images in it")
+    batches = -(-rows // batch_size)
+    per_shard = -(-batches // shards) * batch_size
+    return [(start, min(rows, start + per_shard)) for start in range(0, rows, per_shard)]
+
+
+@contextlib.contextmanager
+def shard_folder(out_dir: Path, student: str) -> Iterator[Path]:
+    """Where the shards' tables wait to be merged; gone afterwards, whatever happened."""
+    folder = out_dir / f".{student}.shards"
+    shutil.rmtree(folder, ignore_errors=True)  # a killed run's shards: other params, maybe
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def label_shard(
+    settings: Settings,
+    student: str,
+    start: int,
+    end: int,
+    out: Path,
+    data_dir: Path = PREPARED_DIR,
+    models_dir: Path = MODELS_DIR,
+) -> Path:
+    """Rows [start, end) of the pool: the teacher's class, confidence and distribution per image,
+    streamed batch by batch to ``out`` (a CSV written atomically)."""
     teacher = settings.student(student).teacher
     cfg = settings.pseudo_label
     device = resolve_device(settings.runtime)
     classifier, card = load_checkpoint(models_dir / teacher, device)
     pool = load_split("unlabeled", data_dir)
-    if len(pool) == 0:
-        raise PipelineError(f"{data_dir}/unlabeled: the unlabeled pool is empty")
-    loader = eval_loader(pool.images, cfg.batch_size, settings.runtime, device)
-    log.info("%s labels %d pool images for %s", teacher, len(pool), student)
-
-    chunks = []
-    with atomic_path(out_dir / f"{student}.csv") as tmp:
-        rows_file = tmp.with_name("rows.csv")
-        with Progress(len(pool), f"pseudo-label ({teacher})", "images", min_interval=5) as bar:
-            start = 0
-            for i, probs in enumerate(
-                iter_probabilities(classifier, loader, device, settings.runtime)
-            ):
-                rows = label_rows(
-                    probs, pool.ids[start : start + len(probs)], card.classes, cfg.threshold
-                )
-                # streamed to disk batch by batch; only the small columns stay in memory
-                rows.to_csv(rows_file, mode="a", header=i == 0, index=False, float_format="%.6g")
-                chunks.append(rows[["pred", "confidence"]])
-                start += len(probs)
-                bar.update(len(probs))
-        table = pd.concat(chunks, ignore_index=True)
-        if not (table["confidence"] >= cfg.threshold).any():
-            raise PipelineError(
-                f"pseudo_label.threshold={cfg.threshold} keeps none of {len(pool)} pool images "
-                f"(highest confidence {table['confidence'].max():.3f}); lower the threshold"
+    rows = np.arange(start, end)
+    loader = eval_loader(pool.images, cfg.batch_size, settings.runtime, device, indices=rows)
+    log.info("%s labels pool images %d-%d of %d for %s", teacher, start, end, len(pool), student)
+    with (
+        atomic_path(out) as tmp,
+        Progress(end - start, f"pseudo-label ({teacher})", "images", min_interval=5) as bar,
+    ):
+        done = start
+        for i, probs in enumerate(iter_probabilities(classifier, loader, device, settings.runtime)):
+            table = label_rows(
+                probs, pool.ids[done : done + len(probs)], card.classes, cfg.threshold
             )
-        table["copies"] = select(
-            table["pred"].to_numpy(), table["confidence"].to_numpy(), cfg, len(card.classes)
+            table.to_csv(tmp, mode="a", header=i == 0, index=False, float_format="%.6g")
+            done += len(probs)
+            bar.update(len(probs))
+    return out
+
+
+def merge_shards(
+    settings: Settings,
+    student: str,
+    files: list[Path],
+    *,
+    data_dir: Path = PREPARED_DIR,
+    out_dir: Path = PSEUDO_DIR,
+) -> dict:
+    """The shards' rows, in order, as one table with the selection (threshold, balancing) made
+    over the whole pool; then the summary. Only the small columns are held in memory."""
+    cfg = settings.pseudo_label
+    pool = load_split("unlabeled", data_dir)
+    classes = load_classes(data_dir)
+    table = pd.concat(
+        [
+            chunk
+            for path in files
+            for chunk in pd.read_csv(path, usecols=["pred", "confidence"], chunksize=CHUNK_ROWS)
+        ],
+        ignore_index=True,
+    )
+    if len(table) != len(pool):
+        raise PipelineError(
+            f"{files[0].parent}: the shards hold {len(table)} rows, the pool {len(pool)}"
         )
-        write_with_copies(rows_file, tmp, table["copies"].to_numpy())
-        summary = summarize(table, pool, card.classes, cfg)
+    if not (table["confidence"] >= cfg.threshold).any():
+        raise PipelineError(
+            f"pseudo_label.threshold={cfg.threshold} keeps none of {len(pool)} pool images "
+            f"(highest confidence {table['confidence'].max():.3f}); lower the threshold"
+        )
+    table["copies"] = select(
+        table["pred"].to_numpy(), table["confidence"].to_numpy(), cfg, len(classes)
+    )
+    with atomic_path(out_dir / f"{student}.csv") as tmp:
+        write_with_copies(files, tmp, table["copies"].to_numpy())
+    summary = summarize(table, pool, classes, cfg)
     with atomic_path(out_dir / f"{student}.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     accuracy = summary.get("kept_accuracy")
@@ -174,18 +244,19 @@ def pseudo_label(
     return summary
 
 
-def write_with_copies(rows_file: Path, out: Path, copies: np.ndarray) -> None:
-    """Rewrite the streamed rows with ``kept``/``copies`` set from the selection, chunk by chunk
-    (balancing needs every row's confidence first; the table itself may not fit in memory)."""
+def write_with_copies(row_files: list[Path], out: Path, copies: np.ndarray) -> None:
+    """Write the rows with ``kept``/``copies`` set from the selection, chunk by chunk (balancing
+    needs every row's confidence first; the table itself may not fit in memory)."""
     start = 0
-    reader = pd.read_csv(rows_file, dtype={"id": str}, chunksize=CHUNK_ROWS)
-    for i, chunk in enumerate(reader):
-        part = copies[start : start + len(chunk)]
-        chunk["kept"] = part > 0
-        chunk.insert(chunk.columns.get_loc("kept") + 1, "copies", part)
-        chunk.to_csv(out, mode="a", header=i == 0, index=False, float_format="%.6g")
-        start += len(chunk)
-    rows_file.unlink()
+    header = True
+    for path in row_files:
+        for chunk in pd.read_csv(path, dtype={"id": str}, chunksize=CHUNK_ROWS):
+            part = copies[start : start + len(chunk)]
+            chunk["kept"] = part > 0
+            chunk.insert(chunk.columns.get_loc("kept") + 1, "copies", part)
+            chunk.to_csv(out, mode="a", header=header, index=False, float_format="%.6g")
+            start += len(chunk)
+            header = False
 
 
 @dataclass(frozen=True)

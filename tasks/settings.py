@@ -179,6 +179,7 @@ class PseudoLabelSettings(Strict):
     balance: bool
     per_class: PositiveInt | None  # balance target; None: the mean kept count per class
     batch_size: PositiveInt
+    shards: PositiveInt  # pieces of the pool, labeled in parallel by the flow's Dask workers
 
 
 class DistillSettings(Strict):
@@ -203,6 +204,8 @@ class FlowSettings(Strict):
 
     retries: NonNegativeInt
     retry_delay_seconds: NonNegativeFloat
+    dask_workers: PositiveInt  # local Dask cluster for sharded pseudo-labeling
+    dask_address: Annotated[str, Field(pattern=r"^(tcp|tls)://")] | None  # or a running one
 
 
 class Settings(Strict):

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import ROOT, load_params, make_project, run, shrink, venv_env
+from conftest import ROOT, load_params, make_project, run, shrink, venv_env, write_params
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter
 from prefect.deployments import run_deployment
@@ -355,6 +355,38 @@ def test_served_deployment_runs_through_the_api(prefect_server, tmp_path):
     trainings = [r for r in runs if r.data.tags.get("stage") != "flow"]
     assert len(parents) == 2 and len(trainings) == 3  # the second run trained nothing again
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+@pytest.mark.slow
+def test_sharded_pseudo_labels_on_dask_equal_the_single_process_ones(prefect_server, tmp_path):
+    """The flow labels the pool in 3 shards on a local Dask cluster of 2 workers; the stage's
+    command labels it in one process with the same teacher: the same table, byte for byte."""
+    params = shrink(load_params())
+    params["students"] = params["students"][:1]
+    params["pseudo_label"]["shards"] = 3
+    params["pseudo_label"]["batch_size"] = 128  # 1049 pool images: shards of 384, 384, 281
+    params["flow"]["dask_workers"] = 2
+    project = make_project(tmp_path / "p", params)
+    state = flow_run(project)
+    assert state.is_completed(), state.message
+    sharded = {
+        name: (project / "pseudo_labels" / name).read_bytes()
+        for name in ("student_1.csv", "student_1.json")
+    }
+    assert not list((project / "pseudo_labels").glob(".*shards"))  # merged, then removed
+    with get_client(sync_client=True) as client:
+        names = [t.name for t in client.read_task_runs() if t.name.startswith("label student_1")]
+    assert sorted(names) == [
+        "label student_1 rows 0-384",
+        "label student_1 rows 384-768",
+        "label student_1 rows 768-1049",
+    ]
+    params["pseudo_label"]["shards"] = 1
+    write_params(tmp_path / "one_process.yaml", params)
+    one = ["python", "-m", "tasks.pseudo_label", "student_1", "--params"]
+    run([*one, str(tmp_path / "one_process.yaml")], project)
+    for name, expected in sharded.items():
+        assert (project / "pseudo_labels" / name).read_bytes() == expected, name
 
 
 def test_overrides_hold_for_the_run_and_leave_params_yaml_as_it_was(tmp_path):

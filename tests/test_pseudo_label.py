@@ -60,6 +60,7 @@ def settings(threshold: float, balance: bool = False, per_class: int | None = No
         balance=balance,
         per_class=per_class,
         batch_size=8,
+        shards=1,
     )
 
 
@@ -115,8 +116,7 @@ def test_table_with_copies_round_trips_to_training_items(tmp_path):
     table.iloc[2:].to_csv(rows, mode="a", header=False, index=False)
     copies = np.array([2, 0, 1, 3])
     out = tmp_path / "student_1.csv"
-    write_with_copies(rows, out, copies)
-    assert not rows.exists()
+    write_with_copies([rows], out, copies)
     written = pd.read_csv(out)
     assert written["copies"].tolist() == [2, 0, 1, 3]
     assert written["kept"].tolist() == [True, False, True, True]
@@ -137,3 +137,16 @@ def test_a_table_of_another_pool_is_refused(tmp_path):
     table.drop(columns="copies").to_csv(tmp_path / "old.csv", index=False)
     with pytest.raises(PipelineError, match=r"missing column\(s\) \['copies'\]"):
         load_pseudo_labels(tmp_path / "old.csv", pool([0, 0, 1, 0]), CLASSES)
+
+
+def test_shards_are_whole_batches_covering_the_pool_once():
+    from tasks.pseudo_label import shard_bounds
+
+    assert shard_bounds(10, 4, 1) == [(0, 10)]
+    assert shard_bounds(10, 4, 2) == [(0, 8), (8, 10)]  # 3 batches: 2 + 1
+    assert shard_bounds(1049, 256, 3) == [(0, 512), (512, 1024), (1024, 1049)]
+    assert shard_bounds(5, 4, 8) == [(0, 4), (4, 5)]  # never an empty shard
+    for start, end in shard_bounds(1000, 32, 7)[:-1]:
+        assert start % 32 == 0 and (end - start) % 32 == 0
+    with pytest.raises(PipelineError, match="pool is empty"):
+        shard_bounds(0, 4, 2)
