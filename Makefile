@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test lint ui serve lock clean
+.PHONY: demo test lint ui serve worker remote lock clean
 
 $(STAMP): requirements.lock
 	@test -x $(VENV)/bin/python || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -35,8 +35,16 @@ ui: $(STAMP)  ## MLflow UI on 127.0.0.1:5000
 serve: $(STAMP)  ## Prefect server on 127.0.0.1:4200 + the process serving `self-training/demo`
 	python -m flows.serve --server
 
+worker: $(STAMP)  ## deploy self-training/worker to the process work pool, then run a worker for it
+	python -m flows.deploy
+	prefect worker start --pool self-training
+
+remote: $(STAMP)  ## the DVC remote every clone pushes to and pulls from: make remote URL=s3://bucket/path
+	@test -n "$(URL)" || { echo "usage: make remote URL=<s3://bucket/path | /shared/folder>"; exit 2; }
+	dvc remote add --default --force storage $(URL)
+
 lock: $(STAMP)  ## re-resolve requirements.lock from pyproject.toml
 	$(VENV)/bin/uv pip compile --quiet pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
 clean:  ## remove pipeline outputs and the tracking store (not the venv)
-	rm -rf data/prepared artifacts models pseudo_labels reports metrics.json mlflow.db mlruns
+	rm -rf data/prepared artifacts models pseudo_labels reports metrics.json mlflow.db mlruns checkpoints

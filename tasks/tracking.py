@@ -24,13 +24,22 @@ log = logging.getLogger(__name__)
 
 
 def tracking_uri(cfg: MlflowSettings) -> str:
-    """``sqlite:///mlflow.db`` made absolute against the current (project) directory: MLflow
-    caches one store per URI, so a relative one would keep pointing at the first project."""
+    """Where runs go: ``MLFLOW_TRACKING_URI`` from the environment when set (MLflow's own
+    convention: a shared tracking server without editing params.yaml), else
+    ``mlflow.tracking_uri``. ``sqlite:///mlflow.db`` is made absolute against the current
+    (project) directory: MLflow caches one store per URI, so a relative one would keep pointing
+    at the first project."""
     prefix = "sqlite:///"
-    uri = cfg.tracking_uri
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str(Path(uri.removeprefix(prefix)).resolve())
     return uri
+
+
+def ui_url(cfg: MlflowSettings) -> str:
+    """The MLflow UI: the tracking server itself when runs go to one, else ``mlflow.ui_url``."""
+    uri = tracking_uri(cfg)
+    return uri if uri.startswith(("http://", "https://")) else cfg.ui_url
 
 
 def experiment_id(cfg: MlflowSettings) -> str:
@@ -168,7 +177,7 @@ def run_url(cfg: MlflowSettings, run_id: str) -> str:
     """The run's page in the MLflow UI at ``mlflow.ui_url``."""
     client = mlflow.MlflowClient(tracking_uri(cfg))
     experiment = client.get_run(run_id).info.experiment_id
-    return f"{cfg.ui_url.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return f"{ui_url(cfg).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
 
 
 def _now_ms() -> int:

@@ -389,6 +389,39 @@ def test_sharded_pseudo_labels_on_dask_equal_the_single_process_ones(prefect_ser
         assert (project / "pseudo_labels" / name).read_bytes() == expected, name
 
 
+@pytest.mark.slow
+def test_a_worker_of_the_process_pool_runs_the_deployment(prefect_server, tmp_path):
+    """`python -m flows.deploy` registers the deployment on a process work pool; a
+    `prefect worker start` process picks the run up and runs the flow to Completed."""
+    params = shrink(load_params())
+    params["students"] = params["students"][:1]
+    project = make_project(tmp_path / "p", params)
+    env = {**venv_env(), "PREFECT_API_URL": prefect_server}
+    deploy = [sys.executable, "-m", "flows.deploy", "--pool", "test-pool", "--name", "w"]
+    subprocess.run(deploy, cwd=project, env=env, check=True, capture_output=True)
+    worker = subprocess.Popen(
+        ["prefect", "worker", "start", "--pool", "test-pool", "--limit", "1"],
+        cwd=tmp_path,  # the deployment's pull step takes the run to the project
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        flow_run_ = run_deployment("self-training/w", timeout=900, poll_interval=2)
+        assert flow_run_.state.is_completed(), flow_run_.state.message
+        with get_client(sync_client=True) as client:
+            pool = client.read_work_pool("test-pool")
+            ran_by = client.read_flow_run(flow_run_.id).work_pool_name
+    finally:
+        worker.terminate()
+        output = worker.communicate(timeout=60)[0]
+    assert pool.type == "process" and ran_by == "test-pool"
+    assert "Worker" in output and str(flow_run_.id) in output
+    assert set(json.loads((project / "metrics.json").read_text())) == {"teacher", "student_1"}
+    assert dvc_status(project) == {}
+
+
 def test_overrides_hold_for_the_run_and_leave_params_yaml_as_it_was(tmp_path):
     params = tmp_path / "params.yaml"
     text = "# knobs\nseed: 0  # the seed\npseudo_label:\n  threshold: 0.8  # keep above\n"
