@@ -422,6 +422,25 @@ def test_a_worker_of_the_process_pool_runs_the_deployment(prefect_server, tmp_pa
     assert dvc_status(project) == {}
 
 
+@pytest.mark.slow
+def test_the_flow_trains_with_ddp_under_its_parent_run(prefect_server, tmp_path):
+    params = shrink(load_params())
+    params["students"] = params["students"][:1]
+    params["teacher"]["batch_size"] = 16
+    params["runtime"]["devices"] = 2  # each training step starts two torchrun processes
+    project = make_project(tmp_path / "p", params)
+    state = flow_run(project)
+    assert state.is_completed(), state.message
+    runs = mlflow_runs(project)
+    (parent,) = [r for r in runs if r.data.tags.get("stage") == "flow"]
+    children = {r.info.run_name: r for r in runs if r is not parent}
+    assert sorted(children) == ["student_1", "teacher"]  # rank 0 alone logged
+    for child in children.values():
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.params["runtime.devices"] == "2"
+    assert dvc_status(project) == {}
+
+
 def test_overrides_hold_for_the_run_and_leave_params_yaml_as_it_was(tmp_path):
     params = tmp_path / "params.yaml"
     text = "# knobs\nseed: 0  # the seed\npseudo_label:\n  threshold: 0.8  # keep above\n"
