@@ -21,22 +21,11 @@ from tasks.models import MODELS_DIR
 from tasks.pseudo_label import PSEUDO_DIR
 from tasks.settings import Settings
 
-
-@task(cache_policy=NO_CACHE, task_run_name="label {student} rows {start}-{end}")
-def label_shard(
-    settings: Settings,
-    student: str,
-    start: int,
-    end: int,
-    out: Path,
-    data_dir: Path,
-    models_dir: Path,
-    threads: int,
-) -> Path:
-    import torch
-
-    torch.set_num_threads(threads)  # the workers share the machine's cores
-    return pseudo_label.label_shard(settings, student, start, end, out, data_dir, models_dir)
+label_shard = task(
+    pseudo_label.label_shard,
+    cache_policy=NO_CACHE,
+    task_run_name="label {student} rows {start}-{end}",
+)
 
 
 @flow(name="sharded-pseudo-label")

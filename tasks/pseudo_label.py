@@ -168,9 +168,13 @@ def label_shard(
     out: Path,
     data_dir: Path = PREPARED_DIR,
     models_dir: Path = MODELS_DIR,
+    threads: int | None = None,
 ) -> Path:
     """Rows [start, end) of the pool: the teacher's class, confidence and distribution per image,
-    streamed batch by batch to ``out`` (a CSV written atomically)."""
+    streamed batch by batch to ``out`` (a CSV written atomically). ``threads``: torch's share of
+    the cores, when several shards are labeled on one machine at once."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     teacher = settings.student(student).teacher
     cfg = settings.pseudo_label
     device = resolve_device(settings.runtime)

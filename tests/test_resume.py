@@ -101,12 +101,18 @@ def test_killed_training_resumes_and_ends_as_if_never_killed(tmp_path):
     assert sorted(steps) == list(range(1, 41))
 
 
-def test_a_killed_run_without_its_checkpoint_is_marked_failed(tmp_path):
+def killed_project(tmp_path: Path, epoch: int) -> tuple[Path, dict]:
+    """A project whose 20-epoch teacher training was killed after checkpoint ``epoch``."""
     params = project_params()
     params["teacher"]["epochs"] = 20
     project = make_project(tmp_path / "p", params)
     run(["dvc", "repro", "augment"], project)
-    kill_training_after(project, epoch=2)
+    kill_training_after(project, epoch=epoch)
+    return project, params
+
+
+def test_a_killed_run_without_its_checkpoint_is_marked_failed(tmp_path):
+    project, _ = killed_project(tmp_path, epoch=2)
     shutil.rmtree(project / "checkpoints")  # lost with the machine, say
     run(["dvc", "repro", "train_teacher"], project)
     statuses = sorted(r.info.status for r in runs(project))
@@ -114,11 +120,7 @@ def test_a_killed_run_without_its_checkpoint_is_marked_failed(tmp_path):
 
 
 def test_checkpoints_of_other_settings_are_not_resumed(tmp_path):
-    params = project_params()
-    params["teacher"]["epochs"] = 20
-    project = make_project(tmp_path / "p", params)
-    run(["dvc", "repro", "augment"], project)
-    kill_training_after(project, epoch=3)
+    project, params = killed_project(tmp_path, epoch=3)
     params["teacher"]["lr"] = 0.004
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     output = run(["dvc", "repro", "train_teacher"], project)
