@@ -178,7 +178,11 @@ def gather(
             histories[str(member)] = curve.reset_index(drop=True)
 
     predictions = {
-        name: _read_csv(predictions_dir / f"{name}.csv", "evaluate", dtype={"id": str})
+        name: _read_csv(
+            predictions_dir / f"{name}.csv",
+            "evaluate",
+            dtype={"id": str, "actual": str, "predicted": str},  # class "01" stays "01"
+        )
         for name in names
     }
     index = _read_csv(data_dir / "unlabeled" / "index.csv", "prepare", dtype={"id": str})
@@ -254,8 +258,8 @@ def write_plots(inputs: Inputs, settings: Settings, preview: Path, out: Path) ->
     test = inputs.predictions[final]
     accuracy = float((test["actual"] == test["predicted"]).mean())
     figures.confusion(
-        test["actual"].astype(str).tolist(),
-        test["predicted"].astype(str).tolist(),
+        test["actual"].tolist(),
+        test["predicted"].tolist(),
         inputs.classes,
         f"{final} on {len(test)} test images: {100 * accuracy:.1f}% right",
         picture("confusion", final),
