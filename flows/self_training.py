@@ -34,9 +34,9 @@ from prefect.runtime import deployment, flow_run
 
 from flows.dvc_project import DvcProject, Outcome, params_for_run
 from flows.stages import Step, check_against_dag, plan
-from tasks import tracking
+from tasks import registry, report, tracking
 from tasks.errors import PipelineError
-from tasks.evaluate import METRICS_FILE
+from tasks.evaluate import METRICS_FILE, REGISTRY_FILE
 from tasks.models import MODELS_DIR, load_card
 from tasks.pseudo_label import PSEUDO_DIR
 from tasks.settings import PARAMS_FILE, Settings, load_settings
@@ -141,6 +141,7 @@ def run_steps(
                     retry_delay_seconds=settings.flow.retry_delay_seconds,
                 )(project, step, settings, parent)
                 update_progress_artifact(progress, 100.0 * done / len(steps))
+            follow_up_skipped_steps(settings, outcomes, parent)
             rows = round_table(settings)
             metrics = parent_metrics(rows)
             finished = True
@@ -157,7 +158,23 @@ def run_steps(
             key="self-training-runs",
             description="MLflow runs, stage outcomes, DVC experiment, effective params",
         )
+        create_markdown_artifact(
+            report.prefect_markdown(),
+            key="self-training-report",
+            description="The report (reports/report.html): rounds, champion, every picture",
+        )
     return {"outcomes": outcomes, "rounds": rows, "mlflow_run_id": parent.run_id}
+
+
+def follow_up_skipped_steps(
+    settings: Settings, outcomes: dict[str, str], parent: tracking.ParentRun
+) -> None:
+    """What a stage does outside DVC's outputs, done for this run where DVC skipped or restored
+    it: the registry's champion is the workspace's, and the parent run holds the report."""
+    if outcomes.get("evaluate") != Outcome.RAN.value:
+        registry.point_champion(settings.mlflow, json.loads(REGISTRY_FILE.read_text()))
+    if outcomes.get("report") != Outcome.RAN.value:
+        report.attach_to_run(settings, parent.run_id)
 
 
 def round_table(settings: Settings) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ class Step:
 def plan(settings: Settings) -> list[Step]:
     # modules are looked up when a step runs, not bound here, so every call goes to the function
     # dvc.yaml's command calls today
-    from tasks import augment, evaluate, prepare, train
+    from tasks import augment, evaluate, export, prepare, report, train
 
     steps = [
         Step("prepare", "prepare", lambda s, parent: prepare.prepare(s)),
@@ -57,6 +57,8 @@ def plan(settings: Settings) -> list[Step]:
             )
         )
     steps.append(Step("evaluate", "evaluate", lambda s, parent: evaluate.evaluate(s)))
+    steps.append(Step("export", "export to ONNX", lambda s, parent: export.export(s)))
+    steps.append(Step("report", "report", lambda s, parent: report.report(s, parent=parent)))
     return steps
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import textwrap
 from pathlib import Path
 
 import albumentations as A
@@ -126,7 +127,9 @@ def preview_grid(images: np.ndarray, policies: dict[str, A.Compose], samples: in
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(title, fontsize=7)
-    fig.suptitle("augmentation preview: original | teacher policy | student policy (noise)")
+    title = "augmentation preview: original | teacher policy | student policy (noise)"
+    # wrapped to the figure's width (about 9 characters an inch), or a narrow grid clips it
+    fig.suptitle(textwrap.fill(title, width=max(20, int(cols * 1.1 * 9))))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -197,6 +197,14 @@ class MlflowSettings(Strict):
     experiment: Annotated[str, Field(min_length=1)]
     tracking_uri: Annotated[str, Field(min_length=1)]
     ui_url: Annotated[str, Field(pattern=r"^https?://")]
+    # the MLflow model registry's name for every model of the loop (one version per training)
+    registered_model: Annotated[str, Field(min_length=1)]
+
+
+class ReportSettings(Strict):
+    # test accuracy of a model trained without the pool (e.g. measured by a benchmark), drawn as
+    # a reference line in the report; None: not known
+    supervised_accuracy: Probability | None
 
 
 class FlowSettings(Strict):
@@ -217,6 +225,7 @@ class Settings(Strict):
     pseudo_label: PseudoLabelSettings
     distill: DistillSettings
     students: Annotated[list[StudentSettings], Field(min_length=1)]
+    report: ReportSettings
     mlflow: MlflowSettings
     flow: FlowSettings
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -101,3 +102,31 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
             f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
         )
     return result
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory) -> Path:
+    """A project folder after prepare, augment, teacher, pseudo-labels, student_1 and evaluate
+    (tiny models, a real sqlite MLflow store, registry included): what the report, export,
+    predict and registry tests read. Tests must not change it (write elsewhere, or put back)."""
+    from tasks.augment import augment
+    from tasks.evaluate import evaluate
+    from tasks.prepare import prepare
+    from tasks.pseudo_label import pseudo_label
+    from tasks.settings import load_settings
+    from tasks.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    params = shrink(load_params())
+    params["students"] = params["students"][:1]
+    params["students"][0]["epochs"] = 3
+    write_params(root / "params.yaml", params)
+    with contextlib.chdir(root):  # the stages' default paths and MLflow's ./mlruns land here
+        settings = load_settings()
+        prepare(settings)
+        augment(settings)
+        train(settings, "teacher")
+        pseudo_label(settings, "student_1")
+        train(settings, "student_1")
+        evaluate(settings)
+    return root

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +38,8 @@ STAGES = [
     "pseudo_label@1",
     "train_student@1",
     "evaluate",
+    "export",
+    "report",
 ]
 
 
@@ -53,7 +57,7 @@ def test_flow_follows_the_dvc_dag(tmp_path):
     project = tiny_project(tmp_path / "p", rounds=3)
     names, edges = DvcProject(project).dag()
     order = [step.stage for step in plan(load_settings(project / "params.yaml"))]
-    assert sorted(order) == sorted(names) and len(order) == len(set(order)) == 10
+    assert sorted(order) == sorted(names) and len(order) == len(set(order)) == 12
     position = {stage: i for i, stage in enumerate(order)}
     assert edges, "dvc.yaml's stages depend on each other"
     for upstream, downstream in edges:
@@ -64,8 +68,8 @@ def test_a_flow_that_drifted_from_dvc_yaml_is_refused():
     steps = plan(load_settings(ROOT / "params.yaml"))
     names = [step.stage for step in steps]
     check_against_dag(steps, names, [("prepare", "augment")])
-    with pytest.raises(PipelineError, match=r"only in dvc.yaml: \['report'\]"):
-        check_against_dag(steps, [*names, "report"], [])
+    with pytest.raises(PipelineError, match=r"only in dvc.yaml: \['bench'\]"):
+        check_against_dag(steps, [*names, "bench"], [])
     with pytest.raises(PipelineError, match="runs prepare before augment"):
         check_against_dag(steps, names, [("augment", "prepare")])
 
@@ -154,6 +158,14 @@ def test_flow_run_is_one_mlflow_parent_run(flow_demo):
             metrics[name]["test_accuracy"], abs=1e-4
         )
     assert parent.data.params["pseudo_label.threshold"] == "0.6"
+    # the report's pictures are the parent run's artifacts (no run of its own in a flow)
+    client = mlflow.MlflowClient()
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {
+        "report/report.html",
+        "report/plots",
+    }
+    pictures = client.list_artifacts(parent.info.run_id, "report/plots")
+    assert len(pictures) == len(list((project / "reports/plots/images").glob("*.png"))) == 6
 
 
 @pytest.mark.slow
@@ -177,6 +189,12 @@ def test_flow_publishes_prefect_artifacts(flow_demo):
     for child in mlflow_runs(project):
         assert f"/runs/{child.info.run_id}" in markdown
     assert any(a.type == "progress" and a.data == 100.0 for a in artifacts)
+    # the report, pictures inline: the Prefect UI renders markdown images from data URIs
+    report = by_key["self-training-report"]
+    assert report.type == "markdown"
+    inlined = re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", report.data)
+    pictures = sorted((project / "reports/plots/images").glob("*.png"))
+    assert [base64.b64decode(data) for data in inlined] == [p.read_bytes() for p in pictures]
 
 
 @pytest.mark.slow
@@ -196,6 +214,7 @@ def test_overrides_apply_to_one_run_only(flow_demo, tmp_path):
 
     state = flow_run(project, {"pseudo_label.threshold": 0.5})
     assert state.is_completed(), state.message
+    first, first_accuracy = state, json.loads((project / "metrics.json").read_text())
     assert outcomes(state) == {
         **dict.fromkeys(STAGES[:3], "skipped"),
         **dict.fromkeys(STAGES[3:], "ran"),
@@ -219,6 +238,28 @@ def test_overrides_apply_to_one_run_only(flow_demo, tmp_path):
     }
     assert dvc_status(project) == {}
     assert json.loads((project / "pseudo_labels/student_1.json").read_text())["threshold"] == 0.6
+    # the champion is the workspace's again, though evaluate was restored, not run
+    registry = json.loads((project / "reports/registry.json").read_text())
+    champion = mlflow.MlflowClient().get_model_version_by_alias("noisy-student", "champion")
+    assert champion.tags["model_name"] == registry["champion"]
+    assert champion.run_id == next(
+        m["run_id"] for m in registry["models"] if m["model"] == registry["champion"]
+    )
+
+    # the two runs' plots side by side: `dvc plots diff <experiment> <experiment>`
+    with get_client(sync_client=True) as client:
+        names = [client.read_flow_run(s.state_details.flow_run_id).name for s in (first, state)]
+    plots = json.loads(run(["dvc", "plots", "diff", *names, "--json"], project).stdout)["data"]
+    values = plots["test accuracy per round"][0]["content"]["data"]["values"]
+    by_rev = {(v["rev"], v["model"]): float(v["test_accuracy"]) for v in values}
+    second_accuracy = json.loads((project / "metrics.json").read_text())
+    for name in ("teacher", "student_1", "student_2"):
+        assert by_rev[(names[0], name)] == pytest.approx(
+            first_accuracy[name]["test_accuracy"], abs=1e-6
+        )
+        assert by_rev[(names[1], name)] == pytest.approx(
+            second_accuracy[name]["test_accuracy"], abs=1e-6
+        )
 
 
 @pytest.mark.slow

@@ -25,6 +25,8 @@ ALL_STAGES = [
     "pseudo_label@1",
     "train_student@1",
     "evaluate",
+    "export",
+    "report",
 ]
 
 
@@ -87,8 +89,9 @@ def test_every_training_is_an_mlflow_run(demo):
     project, _ = demo
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["noisy-student"], output_format="list")
-    by_name = {r.info.run_name: r for r in runs}
+    by_name = {r.info.run_name: r for r in runs if r.data.tags.get("stage") != "report"}
     assert sorted(by_name) == ["student_1", "student_2", "teacher"]
+    assert [r.info.run_name for r in runs if r.data.tags.get("stage") == "report"] == ["report"]
     metrics = json.loads((project / "metrics.json").read_text())
     client = mlflow.MlflowClient()
     params = shrink(load_params())
@@ -109,6 +112,41 @@ def test_every_training_is_an_mlflow_run(demo):
         output_format="list", experiment_ids=[runs[0].info.experiment_id]
     )
     assert len(models) == 3
+
+
+def dvc_plots(project, *revisions: str) -> dict:
+    command = ["dvc", "plots", "diff", *revisions] if revisions else ["dvc", "plots", "show"]
+    return json.loads(run([*command, "--json"], project).stdout)["data"]
+
+
+def test_report_registry_export_and_dvc_plots(demo):
+    project, _ = demo
+    metrics = json.loads((project / "metrics.json").read_text())
+    registry = json.loads((project / "reports/registry.json").read_text())
+    best = max(metrics, key=lambda name: metrics[name]["test_accuracy"])
+    assert registry["champion"] == best
+    assert [m["version"] for m in registry["models"]] == [1, 2, 3]
+    page = (project / "reports/report.html").read_text()
+    assert page.count('<img src="data:image/png;base64,') == 6
+    assert f"Champion: {best} " in page
+    assert (project / "exports/final.onnx").stat().st_size > 0
+
+    plots = dvc_plots(project)
+    assert "errors" not in json.dumps(plots)
+    accuracy = plots["test accuracy per round"][0]["content"]["data"]["values"]
+    assert {row["model"]: float(row["test_accuracy"]) for row in accuracy} == pytest.approx(
+        {name: m["test_accuracy"] for name, m in metrics.items()}, abs=1e-6
+    )
+    confusion = plots["reports/test_predictions/student_2.csv"][0]["content"]
+    assert len(confusion["data"]["values"]) == 539  # one row per test image
+    for plot_id in (
+        "reports/plots/learning_curves/teacher.csv",
+        "reports/plots/confidence/student_2.csv",
+        "reports/plots/kept_per_class/student_1.csv",
+        "reports/plots/images/05_confusion-student_2.png",
+        "reports/plots/images/06_augmentation_preview.png",
+    ):
+        assert plot_id in plots, sorted(plots)
 
 
 def test_second_repro_skips_everything(demo):
@@ -181,6 +219,8 @@ def test_users_own_folders(tmp_path):
         "pseudo_label@0",
         "train_student@0",
         "evaluate",
+        "export",
+        "report",
     ]
     assert "skipped 1 non-image file" in output.stderr
     metrics = json.loads((project / "metrics.json").read_text())
@@ -189,3 +229,9 @@ def test_users_own_folders(tmp_path):
     assert len(table) == 30 and set(table["pred_class"]) <= {"class_0", "class_1", "class_2"}
     summary = json.loads((project / "pseudo_labels/student_1.json").read_text())
     assert "kept_accuracy" not in summary  # the pool's truth is unknown
+    rounds = pd.read_csv(project / "reports/plots/rounds.csv")
+    assert rounds["kept_accuracy"].isna().all()
+    assert "Champion: " in (project / "reports/report.html").read_text()
+    plots = dvc_plots(project)
+    assert "errors" not in json.dumps(plots)
+    assert len(plots["reports/plots/images/03_pseudo_labels-student_1.png"]) == 1

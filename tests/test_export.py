@@ -1,0 +1,62 @@
+"""The ONNX export: ONNX Runtime gives PyTorch's logits on real images, at any batch size."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from tasks.data import load_split
+from tasks.errors import PipelineError
+from tasks.export import ATOL, INPUT, OUTPUT, RTOL, check_against_torch, export
+from tasks.models import load_checkpoint
+from tasks.settings import load_settings
+
+
+@pytest.fixture(scope="module")
+def exported(trained_project, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports") / "final.onnx"
+    with contextlib.chdir(trained_project):
+        export(load_settings(), out=out)
+    return trained_project, out
+
+
+def test_onnx_runtime_matches_pytorch_on_test_images_at_any_batch_size(exported):
+    project, path = exported
+    classifier, card = load_checkpoint(project / "models/student_1")  # the last round's
+    images = load_split("test", project / "data/prepared").images
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (given,) = session.get_inputs()
+    assert given.name == INPUT and given.shape[1:] == [3, card.image_size, card.image_size]
+    assert isinstance(given.shape[0], str)  # a symbolic, dynamic batch dimension
+    for batch in (1, 7, 64):
+        pixels = np.asarray(images[:batch]).transpose(0, 3, 1, 2).astype(np.float32)
+        (logits,) = session.run([OUTPUT], {INPUT: pixels})
+        with torch.inference_mode():
+            expected = classifier(torch.from_numpy(pixels)).numpy()
+        assert logits.shape == (batch, len(card.classes))
+        np.testing.assert_allclose(logits, expected, atol=ATOL, rtol=RTOL)
+        assert (logits.argmax(1) == expected.argmax(1)).all()
+
+
+def test_the_onnx_file_names_its_classes_and_input_size(exported):
+    project, path = exported
+    metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    card = json.loads((project / "models/student_1/card.json").read_text())
+    assert json.loads(metadata["classes"]) == card["classes"]
+    assert metadata["image_size"] == str(card["image_size"]) and metadata["model"] == "student_1"
+    assert not list(path.parent.glob(".final.onnx*"))  # written atomically, nothing left over
+
+
+def test_the_check_fails_on_a_model_that_differs(exported):
+    """The export's own check is not a formality: another model's ONNX file fails it."""
+    project, path = exported
+    teacher, _ = load_checkpoint(project / "models/teacher")
+    images = np.asarray(load_split("val", project / "data/prepared").images[:4])
+    with pytest.raises(PipelineError, match="ONNX Runtime's logits differ from PyTorch's"):
+        check_against_torch(teacher, path, images)

@@ -1,0 +1,96 @@
+"""`python -m tasks.predict`: a real folder of PNG/JPEG images classified by a trained model."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import ROOT, venv_env
+from test_prepare import write_image_folders
+
+from tasks.errors import PipelineError
+from tasks.models import load_checkpoint
+from tasks.predict import predict
+from tasks.prepare import list_images, read_image
+from tasks.settings import load_settings
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Digits saved as PNG and JPEG files, nested, a name with a space and Unicode, a text file."""
+    return write_image_folders(tmp_path_factory.mktemp("photos"), images_per_class=3, pool=5)
+
+
+def test_predict_writes_a_row_per_image_with_the_models_probabilities(
+    trained_project, folder, tmp_path
+):
+    out = tmp_path / "predictions.csv"
+    with contextlib.chdir(trained_project):
+        counts = predict(load_settings(), folder, out=out, batch_size=4)  # several batches
+        classifier, card = load_checkpoint(trained_project / "models/student_1")
+    table = pd.read_csv(out, dtype={"id": str, "class": str})
+    paths = list_images(folder)
+    assert table["id"].tolist() == [p.relative_to(folder).as_posix() for p in paths]
+    assert any(" " in i and "ü" in i for i in table["id"])  # nested, spaces, Unicode
+    probs = table[[f"p_{c}" for c in card.classes]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(probs.max(axis=1), table["confidence"], atol=1e-5)
+    assert table["class"].tolist() == [card.classes[i] for i in probs.argmax(axis=1)]
+    assert sum(counts.values()) == len(table) == len(paths)
+    # the same numbers as the model on the same pixels, read the way prepare reads them
+    pixels = np.stack([read_image(p, card.image_size) for p in paths]).transpose(0, 3, 1, 2)
+    with torch.inference_mode():
+        expected = classifier.probs(torch.from_numpy(pixels)).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+def test_any_rounds_model_can_predict(trained_project, folder, tmp_path):
+    with contextlib.chdir(trained_project):
+        settings = load_settings()
+        predict(settings, folder, model="teacher", out=tmp_path / "teacher.csv")
+        predict(settings, folder, model="models/teacher", out=tmp_path / "by_path.csv")
+    assert (tmp_path / "teacher.csv").read_bytes() == (tmp_path / "by_path.csv").read_bytes()
+
+
+def test_bad_input_is_one_line_and_leaves_no_file(trained_project, folder, tmp_path):
+    out = tmp_path / "out.csv"
+    with contextlib.chdir(trained_project):
+        settings = load_settings()
+        with pytest.raises(PipelineError, match="not a folder of images"):
+            predict(settings, tmp_path / "missing", out=out)
+        (tmp_path / "empty").mkdir()
+        with pytest.raises(PipelineError, match="holds no images"):
+            predict(settings, tmp_path / "empty", out=out)
+        with pytest.raises(PipelineError, match=r"models/student_7: no trained model there"):
+            predict(settings, folder, model="student_7", out=out)
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        good = next((folder / "labeled/class_0").glob("*.png"))
+        (broken / "a.png").write_bytes(good.read_bytes())
+        (broken / "b.png").write_bytes(b"not an image")
+        with pytest.raises(PipelineError, match=r"b.png: cannot read as an image"):
+            predict(settings, broken, out=out)
+    assert not out.exists() and list(tmp_path.glob(".out.csv*")) == []
+
+
+def test_command_line(trained_project, folder, tmp_path):
+    env = {**venv_env(), "PYTHONPATH": str(ROOT)}  # the project folder holds no code
+    out = tmp_path / "p.csv"
+    command = [sys.executable, "-m", "tasks.predict", str(folder), "--out", str(out)]
+    result = subprocess.run(command, cwd=trained_project, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "student_1 classified" in result.stderr and len(pd.read_csv(out)) > 0
+    result = subprocess.run(
+        [sys.executable, "-m", "tasks.predict", str(tmp_path / "nope")],
+        cwd=trained_project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'nope'}: not a folder of images"

@@ -1,0 +1,121 @@
+"""The MLflow model registry, against a real sqlite store: one version per trained model, no
+duplicates when evaluate runs again, `champion` on the best, and the champion loads and predicts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from tasks.evaluate import evaluate
+from tasks.models import load_checkpoint
+from tasks.registry import CHAMPION, champion_of, point_champion, register
+from tasks.settings import load_settings
+
+
+def test_the_champion_is_the_best_and_a_tie_goes_to_the_earlier_round():
+    assert champion_of({"teacher": 0.8, "student_1": 0.9, "student_2": 0.85}) == "student_1"
+    assert champion_of({"teacher": 0.9, "student_1": 0.9}) == "teacher"
+
+
+@contextlib.contextmanager
+def project_store(project):
+    """The project's settings, run in its folder (relative sqlite URI), and an MLflow client."""
+    with contextlib.chdir(project):
+        settings = load_settings()
+        mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+        yield settings, mlflow.MlflowClient()
+
+
+def versions_of(client, name: str) -> list:
+    return sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+
+
+def test_every_model_is_a_version_and_the_best_is_champion(trained_project):
+    with project_store(trained_project) as (settings, client):
+        name = settings.mlflow.registered_model
+        recorded = json.loads((trained_project / "reports/registry.json").read_text())
+        metrics = json.loads((trained_project / "metrics.json").read_text())
+        versions = versions_of(client, name)
+        assert [v.tags["model_name"] for v in versions] == ["teacher", "student_1"]
+        for version, entry in zip(versions, recorded["models"], strict=True):
+            card = json.loads((trained_project / f"models/{entry['model']}/card.json").read_text())
+            assert version.run_id == card["mlflow_run_id"] == entry["run_id"]
+            assert version.version == entry["version"]
+            assert float(version.tags["test_accuracy"]) == pytest.approx(
+                metrics[entry["model"]]["test_accuracy"], abs=1e-6
+            )
+            logged = mlflow.search_logged_models(
+                experiment_ids=[client.get_run(version.run_id).info.experiment_id],
+                filter_string=f"source_run_id = '{version.run_id}'",
+                output_format="list",
+            )  # the MLflow 3 logged model of the training run
+            assert [f"models:/{m.model_id}" for m in logged] == [version.source]
+        best = max(metrics, key=lambda m: metrics[m]["test_accuracy"])
+        assert recorded["champion"] == best
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+        assert champion.tags["model_name"] == best
+
+
+def test_evaluating_again_adds_no_version(trained_project):
+    with project_store(trained_project) as (settings, client):
+        name = settings.mlflow.registered_model
+        before = [(v.version, v.run_id) for v in versions_of(client, name)]
+        evaluate(settings)
+        assert [(v.version, v.run_id) for v in versions_of(client, name)] == before
+
+
+def test_the_alias_follows_the_accuracies_and_can_be_put_back(trained_project):
+    with project_store(trained_project) as (settings, client):
+        cfg = settings.mlflow
+        recorded = json.loads((trained_project / "reports/registry.json").read_text())
+        run_ids = {m["model"]: m["run_id"] for m in recorded["models"]}
+        architectures = dict.fromkeys(run_ids, "test_resnet")
+        try:
+            for best, accuracies in (
+                ("student_1", {"teacher": 0.5, "student_1": 0.7}),
+                ("teacher", {"teacher": 0.7, "student_1": 0.5}),
+            ):
+                result = register(cfg, accuracies, run_ids, architectures)
+                alias = client.get_model_version_by_alias(cfg.registered_model, CHAMPION)
+                assert result["champion"] == best and alias.tags["model_name"] == best
+                assert len(versions_of(client, cfg.registered_model)) == 2
+        finally:  # what the fixture's evaluate found, for the other tests
+            register(cfg, {m["model"]: m["test_accuracy"] for m in recorded["models"]}, run_ids,
+                     architectures)  # fmt: skip
+        point_champion(cfg, {**recorded, "champion": "teacher"})
+        alias = client.get_model_version_by_alias(cfg.registered_model, CHAMPION)
+        assert alias.tags["model_name"] == "teacher"
+        point_champion(cfg, recorded)
+        alias = client.get_model_version_by_alias(cfg.registered_model, CHAMPION)
+        assert alias.tags["model_name"] == recorded["champion"]
+
+
+def test_a_model_without_a_run_is_left_out_not_fatal(trained_project):
+    with project_store(trained_project) as (settings, client):
+        result = register(
+            settings.mlflow.model_copy(update={"registered_model": "no-runs"}),
+            {"teacher": 0.5, "student_1": 0.6},
+            {"teacher": None, "student_1": None},
+            {"teacher": "test_resnet", "student_1": "test_resnet"},
+        )
+        assert result["champion"] == "student_1"
+        assert [m["version"] for m in result["models"]] == [None, None]
+        assert versions_of(client, "no-runs") == []
+
+
+def test_the_champion_loads_from_the_registry_and_predicts_like_its_checkpoint(trained_project):
+    with project_store(trained_project) as (settings, _):
+        recorded = json.loads((trained_project / "reports/registry.json").read_text())
+        uri = f"models:/{settings.mlflow.registered_model}@{CHAMPION}"
+        loaded = mlflow.pytorch.load_model(uri)
+        classifier, card = load_checkpoint(trained_project / "models" / recorded["champion"])
+    images = np.load(trained_project / "data/prepared/test/images.npy")[:5]
+    pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32))
+    with torch.inference_mode():
+        np.testing.assert_allclose(loaded(pixels), classifier(pixels), atol=1e-4)
+    assert card.name == recorded["champion"]
