@@ -134,7 +134,7 @@ def write_truth_table(
     tasks/pseudo_label.py's table, built by its own ``label_rows`` and ``summarize``)."""
     classes = load_classes(data_dir)
     pool = load_split("unlabeled", data_dir)
-    probs = torch.nn.functional.one_hot(torch.as_tensor(truth), len(classes)).float()
+    probs = torch.nn.functional.one_hot(torch.tensor(truth), len(classes)).float()
     table = label_rows(probs, pool.ids, classes, threshold=0.0)
     table.insert(table.columns.get_loc("kept") + 1, "copies", np.ones(len(table), np.int64))
     with atomic_path(out_dir / f"{name}.csv") as tmp:
