@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test lint ui serve lock clean
+.PHONY: demo test lint ui serve lock clean bench-accuracy bench-speed bench-scale
 
 $(STAMP): requirements.lock
 	@test -x $(VENV)/bin/python || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -35,8 +35,17 @@ ui: $(STAMP)  ## MLflow UI on 127.0.0.1:5000
 serve: $(STAMP)  ## Prefect server on 127.0.0.1:4200 + the process serving `self-training/demo`
 	python -m flows.serve --server
 
+bench-accuracy: $(STAMP)  ## accuracy benchmark: teacher, rounds, upper bound, ablations (hours on a CPU)
+	nice -n 10 python -m bench.accuracy
+
+bench-speed: $(STAMP)  ## speed benchmark: fit and pseudo_label against the bare model (CUDA if present)
+	python -m bench.speed
+
+bench-scale: $(STAMP)  ## pseudo-labeling time and memory for pools of 1k, 10k, 100k images
+	python -m bench.scale
+
 lock: $(STAMP)  ## re-resolve requirements.lock from pyproject.toml
 	$(VENV)/bin/uv pip compile --quiet pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
 clean:  ## remove pipeline outputs and the tracking store (not the venv)
-	rm -rf data/prepared artifacts models pseudo_labels reports metrics.json mlflow.db mlruns
+	rm -rf data/prepared artifacts models pseudo_labels reports metrics.json mlflow.db mlruns bench/work

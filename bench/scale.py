@@ -8,7 +8,9 @@ tasks.prepare's ``write_split``) and an untrained model, then runs the real stag
 ``tasks.pseudo_label.pseudo_label``, in a fresh Python process whose stderr is a pipe (not a
 terminal, as under DVC or Prefect), and measures there:
 
-- wall time of the stage (model loading included), and images/s;
+- wall time of the stage (model loading included), images/s, and the CPU time of the process
+  (every thread's): on a machine shared with other work, wall time swings with their load, CPU
+  time much less, so the linearity is read on CPU time;
 - memory, sampled every 10 ms from /proc/self/status: **RssAnon**, the process's own memory
   (what it allocated: arrays, tensors, tables), and **RssFile**, pages of files mapped into it,
   here mostly the memory-mapped ``images.npy`` (the kernel's page cache, shared and evictable,
@@ -88,6 +90,7 @@ def child(root: Path, params_file: Path, batch: int) -> None:
     before = status_kb()
     sampler = PeakSampler()
     sampler.start()
+    cpu = time.process_time()
     start = time.perf_counter()
     summary = pseudo_label(
         settings,
@@ -97,11 +100,13 @@ def child(root: Path, params_file: Path, batch: int) -> None:
         out_dir=root / "pseudo_labels",
     )
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu  # every thread's; robust to a crowded machine
     peak = sampler.stop()
     after = status_kb()
     print(
         json.dumps(
-            {"seconds": seconds, "before_kb": before, "peak_kb": peak, "after_kb": after}
+            {"seconds": seconds, "cpu_seconds": cpu_seconds}
+            | {"before_kb": before, "peak_kb": peak, "after_kb": after}
             | {"pool_images": summary["pool_images"]}
         )
     )
@@ -134,6 +139,7 @@ def measure(
         "model": model,
         "batch": batch,
         "seconds": result["seconds"],
+        "cpu_seconds": result["cpu_seconds"],
         "images_per_second": count / result["seconds"],
         "pool_file_mb": pool_bytes / MB,
         "table_mb": table_bytes / MB,
@@ -156,20 +162,22 @@ def render(result: dict[str, Any]) -> str:
         f"Command: `{result['command']}`\n\n"
     )
     lines = [
-        "| pool images | images.npy MB | seconds | images/s | ms per extra image "
+        "| pool images | images.npy MB | seconds | CPU seconds | images/s "
+        "| CPU ms per extra image "
         "| RssAnon peak − start, MB | RssFile peak − start, MB | VmHWM MB | table MB "
         "| progress lines |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     previous = None
     for r in result["pools"]:
         marginal = ""
         if previous is not None:  # the slope: time = fixed cost + slope * images
             extra = r["pool_images"] - previous["pool_images"]
-            marginal = f"{1e3 * (r['seconds'] - previous['seconds']) / extra:.2f}"
+            marginal = f"{1e3 * (r['cpu_seconds'] - previous['cpu_seconds']) / extra:.2f}"
         lines.append(
             f"| {r['pool_images']:,} | {r['pool_file_mb']:.0f} | {r['seconds']:.1f} | "
-            f"{r['images_per_second']:.0f} | {marginal} | **{r['rss_anon_growth_mb']:.1f}** | "
+            f"{r['cpu_seconds']:.1f} | {r['images_per_second']:.0f} | {marginal} | "
+            f"**{r['rss_anon_growth_mb']:.1f}** | "
             f"{r['rss_file_growth_mb']:.0f} | {r['vm_hwm_mb']:.0f} | {r['table_mb']:.1f} | "
             f"{len(r['progress_lines'])} |"
         )
@@ -183,9 +191,10 @@ def render(result: dict[str, Any]) -> str:
         notes.append(
             f"From {a['pool_images']:,} to {b['pool_images']:,} images the process's own "
             f"memory grew by {per_image:.0f} bytes per image (an image is "
-            f"{3 * result['image_size'] ** 2:,} bytes); time per image went from "
-            f"{1e3 * a['seconds'] / a['pool_images']:.2f} to "
-            f"{1e3 * b['seconds'] / b['pool_images']:.2f} ms."
+            f"{3 * result['image_size'] ** 2:,} bytes); CPU time per image went from "
+            f"{1e3 * a['cpu_seconds'] / a['pool_images']:.2f} to "
+            f"{1e3 * b['cpu_seconds'] / b['pool_images']:.2f} ms (the fixed cost of loading the "
+            "model spread over more images)."
         )
     last = pools[-1]["progress_lines"]
     if last:
