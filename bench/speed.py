@@ -53,6 +53,7 @@ from tasks.inference import autocast, device_memory_format
 from tasks.mixing import one_hot
 from tasks.models import create_model, resolve_device
 from tasks.pseudo_label import pseudo_label
+from tasks.resume import Checkpoints
 from tasks.settings import PARAMS_FILE, ModelTraining, Settings, known_timm_model, load_settings
 from tasks.trainer import fit, seed_everything
 from tasks.transfer import create_optimizer
@@ -183,18 +184,36 @@ def interleaved_training(
     bare: BareTraining,
     steps: int,
     compile_: bool,
-) -> tuple[list[float], list[float]]:
-    """tasks.trainer.fit itself, with a bare measurement before it and after each of its epochs
-    (its ``on_epoch`` hook runs after the epoch's clock stops), so that each epoch is compared
-    with the bare speed measured right around it. Returns images/s per epoch, and the bare
-    speeds (one more than the epochs)."""
+    work: Path,
+) -> dict[str, list[float]]:
+    """tasks.trainer.fit itself, as a training runs it (checkpoints every
+    ``runtime.checkpoint_epochs``), with a bare measurement before it and inside its ``on_epoch``
+    hook after every epoch, so that each epoch is compared with the bare speed measured right
+    around it.
+
+    fit's own epoch clock stops before the hook and the checkpoint, so an epoch's wall time is
+    taken from the end of the previous hook to this hook: the previous epoch's checkpoint plus
+    this epoch. Returns images/s per epoch from the second on (the first has no such start, and
+    warms up), both ways, and the bare speeds around them."""
     net = new_model(spec, device, settings, compile_)
-    around = [bare(steps)]
+    checkpoint = Checkpoints(work / "checkpoints", "speed", settings.runtime.checkpoint_epochs)
+    around, ends, resumes = [bare(steps)], [], []
+
+    def on_epoch(result) -> None:
+        ends.append(time.perf_counter())
+        around.append(bare(steps))
+        resumes.append(time.perf_counter())
+
     history = fit(
-        net, items, val, spec, settings.runtime, device, 0, lambda r: around.append(bare(steps)),
-        "speed",
+        net, items, val, spec, settings.runtime, device, 0, on_epoch, "speed",
+        checkpoint=checkpoint.member("speed"),
     )  # fmt: skip
-    return [len(items) / r.seconds for r in history], around
+    walls = [end - resume for end, resume in zip(ends[1:], resumes, strict=False)]
+    return {
+        "fit_ips": [len(items) / w for w in walls],
+        "fit_ips_no_checkpoint": [len(items) / r.seconds for r in history[1:]],
+        "bare_train_ips": around[1:],
+    }
 
 
 def loader_alone(settings: Settings, spec: ModelTraining, items, device: torch.device) -> float:
@@ -267,11 +286,9 @@ def measure_size(
     val = Split(val.images[:batch], val.ids[:batch], val.labels[:batch], val.true_labels[:batch])
 
     log.info("size %d: training, %d images per epoch, %d epochs", size, train_images, epochs)
-    fit_ips, bare_ips = interleaved_training(
-        spec, settings, device, items, val, bare, steps, compile_
-    )
+    timed = interleaved_training(spec, settings, device, items, val, bare, steps, compile_, work)
+    fit_ips, bare_ips = timed["fit_ips"], timed["bare_train_ips"]
     del bare
-    fit_ips, bare_ips = fit_ips[1:], bare_ips[1:]  # the first epoch warms up: left out
     loader = loader_alone(settings, spec, items, device)
 
     infer_batch = settings.pseudo_label.batch_size
@@ -295,6 +312,8 @@ def measure_size(
         "train_images_per_epoch": train_images,
         "bare_train_ips": bare_ips,
         "fit_ips": fit_ips,
+        "fit_ips_no_checkpoint": timed["fit_ips_no_checkpoint"],
+        "checkpoint_epochs": settings.runtime.checkpoint_epochs,
         "train_ratio": max(fit_ips) / max(bare_ips),
         "train_ratio_median": statistics.median(ratios(fit_ips, bare_ips)),
         "loader_alone_ips": loader,
@@ -330,16 +349,17 @@ def render(result: dict[str, Any]) -> str:
     )
     lines = [
         "| model | image size | batch (train / label) | bare fwd+bwd+step img/s | `fit` img/s "
-        "| **training ratio** (median) | loader alone img/s | bare inference img/s "
-        "| `pseudo_label` img/s | **pseudo-labeling ratio** (median) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| **training ratio** (median) | `fit` img/s without its checkpoints | loader alone img/s "
+        "| bare inference img/s | `pseudo_label` img/s | **pseudo-labeling ratio** (median) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["sizes"]:
         lines.append(
             f"| {r['model']} | {r['image_size']} | {r['train_batch']} / {r['infer_batch']} | "
             f"{max(r['bare_train_ips']):.0f} | {max(r['fit_ips']):.0f} | "
             f"**{r['train_ratio']:.2f}** ({r['train_ratio_median']:.2f}) | "
-            f"{r['loader_alone_ips']:.0f} | {max(r['bare_infer_ips']):.0f} | "
+            f"{max(r['fit_ips_no_checkpoint']):.0f} | {r['loader_alone_ips']:.0f} | "
+            f"{max(r['bare_infer_ips']):.0f} | "
             f"{max(r['pseudo_label_ips']):.0f} | "
             f"**{r['pseudo_label_ratio']:.2f}** ({r['pseudo_label_ratio_median']:.2f}) |"
         )
