@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test lint ui serve worker remote lock clean
+.PHONY: demo test lint ui serve worker remote lock clean bench-accuracy bench-speed bench-scale
 
 $(STAMP): requirements.lock
 	@test -x $(VENV)/bin/python || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -43,8 +43,17 @@ remote: $(STAMP)  ## the DVC remote every clone pushes to and pulls from: make r
 	@test -n "$(URL)" || { echo "usage: make remote URL=<s3://bucket/path | /shared/folder>"; exit 2; }
 	dvc remote add --default --force storage $(URL)
 
+bench-accuracy: $(STAMP)  ## accuracy benchmark: teacher, rounds, upper bound, ablations (hours on a CPU)
+	nice -n 10 python -m bench.accuracy
+
+bench-speed: $(STAMP)  ## speed benchmark: fit and pseudo_label against the bare model (CUDA if present)
+	python -m bench.speed
+
+bench-scale: $(STAMP)  ## pseudo-labeling time and memory for pools of 1k, 10k, 100k images
+	python -m bench.scale
+
 lock: $(STAMP)  ## re-resolve requirements.lock from pyproject.toml
 	$(VENV)/bin/uv pip compile --quiet pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
 clean:  ## remove pipeline outputs and the tracking store (not the venv)
-	rm -rf data/prepared artifacts models pseudo_labels reports metrics.json mlflow.db mlruns checkpoints
+	rm -rf data/prepared artifacts models pseudo_labels reports exports metrics.json mlflow.db mlruns checkpoints bench/work

@@ -10,6 +10,7 @@ import torch
 from tasks.data import UNKNOWN, Split
 from tasks.errors import PipelineError
 from tasks.pseudo_label import (
+    append_csv,
     balance_copies,
     label_rows,
     load_pseudo_labels,
@@ -124,6 +125,22 @@ def test_table_with_copies_round_trips_to_training_items(tmp_path):
     assert labels.indices.tolist() == [0, 0, 2, 3, 3, 3]
     assert labels.hard.tolist() == [0, 0, 1, 2, 2, 2]
     np.testing.assert_allclose(labels.probs[2], PROBS[2].numpy(), rtol=1e-5)
+
+
+def test_streamed_table_keeps_class_names_as_text_and_float32_probabilities_exactly(tmp_path):
+    classes = ["007", "010", "1e3"]  # folder names that read as numbers unless kept as text
+    table = label_rows(PROBS, [f"img_{i}" for i in range(4)], classes, threshold=0.8)
+    rows = tmp_path / "rows.csv"
+    append_csv(table.iloc[:3], rows, header=True)  # as the stage streams, batch by batch
+    append_csv(table.iloc[3:], rows, header=False)
+    out = tmp_path / "student_1.csv"
+    write_with_copies(rows, out, np.array([1, 0, 1, 1]))
+    written = pd.read_csv(out, dtype={"id": str, "pred_class": str})
+    assert written["pred_class"].tolist() == ["007", "007", "010", "1e3"]
+    probs = written[[f"p_{c}" for c in classes]].to_numpy().astype(np.float32)
+    assert (probs == PROBS.numpy()).all()  # shortest round-trip text: no digits lost
+    labels = load_pseudo_labels(out, pool([0, 0, 1, 0]), classes)
+    assert labels.indices.tolist() == [0, 2, 3]
 
 
 def test_a_table_of_another_pool_is_refused(tmp_path):

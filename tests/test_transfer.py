@@ -130,6 +130,12 @@ def test_linear_probe_optimizes_the_head_only():
     assert sum(p.numel() for g in groups for p in g["params"]) == 3 * 512 + 3
 
 
+def test_adamw_is_fused_on_the_cpu():
+    # its default on the CPU, a Python loop over tensors, took a fifth of a training step
+    optimizer = create_optimizer(create_model(spec(), 3), spec())
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
+
+
 def test_pretrained_weights_from_a_local_file(tmp_path):
     torch.manual_seed(1)
     source = timm.create_model("resnet10t", num_classes=10)  # say, a model trained elsewhere

@@ -1,0 +1,640 @@
+"""Accuracy benchmark: does self-training beat the labels alone, and how close does it get to
+training on every label?
+
+    python -m bench.accuracy                         # digits, 3 and 5 labels/class, seeds 0 1 2
+    python -m bench.accuracy --labels-per-class 3 --seeds 0 1 2 3 4
+    python -m bench.accuracy --folders my_data       # my_data/{labeled,unlabeled,test[,val]}
+    python -m bench.accuracy --set teacher.epochs=5  # any params.yaml key, for every run
+    python -m bench.accuracy --report-only           # rebuild the tables from the raw results
+
+Per (labels per class, seed) it runs the real stage functions of tasks/ in this process, with
+Settings built from params.yaml plus overrides: prepare, augment and the labeled-only teacher
+once; then, sharing that teacher, pseudo-labeling and every student round of the pipeline as
+params.yaml has it and of each ablation (a recipe of configs/ or one key); and the fully
+supervised upper bound. Every finished run is appended to ``<out>/accuracy.jsonl`` at once, so a
+killed benchmark loses one run at most and a second call skips what is there; the tables
+(``accuracy.md``) and a flat ``accuracy.csv`` are rebuilt from that file.
+
+The upper bound: the final student's recipe (model, noise, epochs, ...) trained on the labeled
+images plus the whole pool with its true labels. It goes through the same training code as any
+student: a one-round run whose pseudo-label table holds the truth (confidence 1, every row kept),
+so `tasks.train` reads it like any table. The truth comes from the demo's hidden labels
+(``true_label`` of the prepared pool); for ``--folders``, from the pool's first folder level where
+every image sits under a class folder (``unlabeled/<class>/...``; the pipeline itself ignores
+those folders), else the upper bound is marked not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from tasks.atomic import atomic_path, write_text
+from tasks.augment import augment
+from tasks.data import UNKNOWN, Split, load_classes, load_split
+from tasks.errors import PipelineError
+from tasks.evaluate import evaluate
+from tasks.prepare import prepare
+from tasks.pseudo_label import label_rows, pseudo_label, summarize
+from tasks.recipes import load_recipe
+from tasks.settings import PARAMS_FILE, Settings, load_settings
+from tasks.train import train
+
+log = logging.getLogger("bench.accuracy")
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+UPPER = "fully_supervised"
+# name -> (what the table calls it, the params it changes: a recipe file or dotted keys)
+VARIANTS: dict[str, tuple[str, Path | dict[str, Any]]] = {
+    "baseline": ("Noisy Student as in params.yaml", {}),
+    "no_noise": ("no student noise (configs/no_noise.yaml)", CONFIGS / "no_noise.yaml"),
+    "soft_labels": (
+        "soft pseudo-labels, T 0.5 (configs/soft_pseudo_labels.yaml)",
+        CONFIGS / "soft_pseudo_labels.yaml",
+    ),
+    "threshold_off": ("threshold off: every pool image kept", {"pseudo_label.threshold": 0.0}),
+    "distillation": ("distillation on (configs/distillation.yaml)", CONFIGS / "distillation.yaml"),
+    "class_balance": (
+        "class balancing on (configs/class_balance.yaml)",
+        CONFIGS / "class_balance.yaml",
+    ),
+}
+GAP_TARGET = 0.70  # the final student must close this share of labeled-only -> fully supervised
+
+
+def variant_overrides(name: str, params_file: Path) -> dict[str, Any]:
+    changes = VARIANTS[name][1]
+    return load_recipe(changes, params_file) if isinstance(changes, Path) else dict(changes)
+
+
+def digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One (dataset, labels per class, seed): one prepared split and one labeled-only teacher."""
+
+    dataset: str  # "digits" or "folders:<path>"
+    labels_per_class: int | None  # None for a folders dataset (its labeled folder decides)
+    seed: int
+    overrides: dict[str, Any]  # on params.yaml, for every run of the cell
+
+    def key(self, variant: str) -> tuple:
+        return (self.dataset, self.labels_per_class, self.seed, variant)
+
+
+def cell_overrides(
+    dataset: str, labels_per_class: int | None, seed: int, user: dict[str, Any], work: Path
+) -> dict[str, Any]:
+    overrides: dict[str, Any] = {"seed": seed}
+    if labels_per_class is not None:
+        overrides["data.labels_per_class"] = labels_per_class
+    if dataset.startswith("folders:"):
+        root = Path(dataset.removeprefix("folders:"))
+        overrides["data.source"] = "folders"
+        for key in ("labeled", "unlabeled", "test"):
+            overrides[f"data.{key}_dir"] = str(root / key)
+        overrides["data.val_dir"] = str(root / "val") if (root / "val").is_dir() else None
+    # the benchmark's trainings go to their own MLflow store, not the project's
+    overrides["mlflow.tracking_uri"] = f"sqlite:///{(work / 'mlflow.db').resolve()}"
+    overrides["mlflow.experiment"] = "bench-accuracy"
+    return {**overrides, **user}
+
+
+def pool_truth(pool: Split, classes: list[str]) -> np.ndarray | None:
+    """The pool's true class per image: the demo's hidden labels, or the class folder each image
+    sits in (``<class>/...``), or None when neither is known for every image."""
+    if (pool.true_labels != UNKNOWN).all():
+        return pool.true_labels
+    index = {c: i for i, c in enumerate(classes)}
+    first = [i.split("/", 1)[0] if "/" in i else None for i in pool.ids]
+    if all(f in index for f in first):
+        return np.array([index[f] for f in first], dtype=np.int64)
+    return None
+
+
+def write_truth_table(
+    settings: Settings, name: str, data_dir: Path, out_dir: Path, truth: np.ndarray
+) -> dict:
+    """A pseudo-label table whose labels are the truth, every row kept once (the columns of
+    tasks/pseudo_label.py's table, built by its own ``label_rows`` and ``summarize``)."""
+    classes = load_classes(data_dir)
+    pool = load_split("unlabeled", data_dir)
+    probs = torch.nn.functional.one_hot(torch.tensor(truth), len(classes)).float()
+    table = label_rows(probs, pool.ids, classes, threshold=0.0)
+    table.insert(table.columns.get_loc("kept") + 1, "copies", np.ones(len(table), np.int64))
+    with atomic_path(out_dir / f"{name}.csv") as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    summary = summarize(
+        table, dataclasses.replace(pool, true_labels=truth), classes, settings.pseudo_label
+    )
+    write_text(out_dir / f"{name}.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def link_teacher(models_dir: Path, teacher_dir: Path) -> None:
+    """The cell's teacher, shared by every run of the cell (read only: no stage writes it)."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    link = models_dir / "teacher"
+    if not link.exists():
+        link.symlink_to(teacher_dir.resolve(), target_is_directory=True)
+
+
+def summary_of(pseudo: dict) -> dict:
+    keys = ("pool_images", "kept", "kept_accuracy", "trained_images")
+    return {k: pseudo.get(k) for k in keys}
+
+
+class Runner:
+    def __init__(self, params_file: Path, work: Path, results: Path) -> None:
+        self.params_file = params_file
+        self.work = work
+        self.results = results
+        self.done = {tuple(r["key"]): r for r in read_records(results)}
+
+    def settings(self, overrides: dict[str, Any]) -> Settings:
+        return load_settings(self.params_file, overrides)
+
+    def record(self, cell: Cell, variant: str, payload: dict) -> None:
+        row = {"key": list(cell.key(variant)), "dataset": cell.dataset}
+        row |= {"labels_per_class": cell.labels_per_class, "seed": cell.seed, "variant": variant}
+        row |= payload
+        self.results.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.results, "a") as f:  # one line per finished run: a kill loses one run
+            f.write(json.dumps(row) + "\n")
+        self.done[cell.key(variant)] = row
+
+    def cell(self, cell: Cell, variants: list[str], upper: bool) -> None:
+        base = self.settings(cell.overrides)
+        folder = self.work / (
+            f"{Path(cell.dataset.split(':')[-1]).name}-lpc{cell.labels_per_class}-seed{cell.seed}"
+            f"-{digest(base.model_dump())[:8]}"
+        )
+        data_dir, augment_dir = folder / "prepared", folder / "augment"
+        teacher_dir = folder / "models" / "teacher"
+        todo = [v for v in variants if cell.key(v) not in self.done]
+        if upper and cell.key(UPPER) not in self.done:
+            todo.append(UPPER)
+        if not todo:
+            log.info("%s: every run already recorded", folder.name)
+            return
+        seconds: dict[str, float] = {}
+        if not (teacher_dir / "card.json").exists():  # an atomic output: there means complete
+            start = time.perf_counter()
+            if data_dir.exists():
+                import shutil
+
+                shutil.rmtree(data_dir)  # a teacher never trained on it: prepare afresh
+            prepare(base, data_dir)
+            augment(base, augment_dir, data_dir)
+            train(
+                base,
+                "teacher",
+                data_dir=data_dir,
+                augment_dir=augment_dir,
+                models_dir=folder / "models",
+                checkpoint_dir=folder / "checkpoints",
+            )
+            seconds["teacher"] = time.perf_counter() - start
+        for variant in variants:
+            if variant in todo:
+                self.guarded(cell, variant, self.variant, cell, base, variant, folder, seconds)
+            if variant == "baseline" and UPPER in todo:
+                self.guarded(cell, UPPER, self.upper_bound, cell, base, folder)
+        if UPPER in todo and "baseline" not in variants:
+            self.guarded(cell, UPPER, self.upper_bound, cell, base, folder)
+
+    def guarded(self, cell: Cell, variant: str, fn, *args) -> None:
+        """A run refused by the pipeline (say, a threshold that keeps nothing) is recorded as not
+        run, with the pipeline's one-line reason, and the benchmark goes on."""
+        try:
+            fn(*args)
+        except PipelineError as exc:
+            log.warning("%s: not run: %s", variant, exc)
+            self.record(cell, variant, {"not_run": str(exc)})
+
+    def variant(
+        self, cell: Cell, base: Settings, variant: str, folder: Path, seconds: dict
+    ) -> None:
+        changes = variant_overrides(variant, self.params_file)
+        settings = self.settings({**cell.overrides, **changes})
+        for part in ("seed", "data", "teacher"):
+            if getattr(settings, part) != getattr(base, part):
+                raise PipelineError(
+                    f"variant '{variant}' changes {part}: it cannot share the teacher"
+                )
+        if settings.augment.teacher != base.augment.teacher:
+            raise PipelineError(f"variant '{variant}' changes augment.teacher")
+        log.info("=== %s: %s (%s)", folder.name, variant, changes or "params.yaml")
+        data_dir, run = folder / "prepared", folder / "runs" / variant
+        models, pseudo, augment_dir = run / "models", run / "pseudo_labels", run / "augment"
+        link_teacher(models, folder / "models" / "teacher")
+        start = time.perf_counter()
+        augment(settings, augment_dir, data_dir)  # its own student policy (no_noise changes it)
+        pseudo_summaries = {}
+        for student in settings.students:
+            t0 = time.perf_counter()
+            summary = pseudo_label(
+                settings, student.name, data_dir=data_dir, models_dir=models, out_dir=pseudo
+            )
+            pseudo_summaries[student.name] = summary_of(summary)
+            seconds[f"pseudo_label_{student.name}"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            train(
+                settings,
+                student.name,
+                data_dir=data_dir,
+                augment_dir=augment_dir,
+                pseudo_dir=pseudo,
+                models_dir=models,
+                checkpoint_dir=run / "checkpoints",
+            )
+            seconds[f"train_{student.name}"] = time.perf_counter() - t0
+        metrics = evaluate(
+            settings,
+            data_dir=data_dir,
+            models_dir=models,
+            pseudo_dir=pseudo,
+            metrics_file=run / "metrics.json",
+            comparison_file=run / "comparison.md",
+        )
+        seconds["total"] = time.perf_counter() - start + seconds.pop("teacher", 0.0)
+        accuracy = {name: m["test_accuracy"] for name, m in metrics.items()}
+        self.record(
+            cell,
+            variant,
+            {
+                "overrides": changes,
+                "models": {name: m["model"] for name, m in metrics.items()},
+                "test_accuracy": accuracy,
+                "pseudo_labels": pseudo_summaries,
+                "seconds": {k: round(v, 1) for k, v in seconds.items()},
+            },
+        )
+        seconds.clear()
+
+    def upper_bound(self, cell: Cell, base: Settings, folder: Path) -> None:
+        data_dir, run = folder / "prepared", folder / "runs" / UPPER
+        truth = pool_truth(load_split("unlabeled", data_dir), load_classes(data_dir))
+        final = base.students[-1]
+        if truth is None:
+            log.warning("%s: the pool's labels are unknown: no upper bound", folder.name)
+            self.record(cell, UPPER, {"not_run": "the pool's true labels are unknown"})
+            return
+        # the final student's recipe as a one-round run; its table is the truth, so nothing
+        # from the teacher reaches it (no distillation, hard labels)
+        recipe = {**final.model_dump(), "name": "student_1", "teacher": "teacher"}
+        changes = {"students": [recipe], "distill.enabled": False, "pseudo_label.labels": "hard"}
+        settings = self.settings({**cell.overrides, **changes})
+        log.info("=== %s: %s (%s on labeled + the whole pool, true labels)", folder.name, UPPER,
+                 final.model)  # fmt: skip
+        models, pseudo = run / "models", run / "pseudo_labels"
+        link_teacher(models, folder / "models" / "teacher")
+        start = time.perf_counter()
+        summary = write_truth_table(settings, "student_1", data_dir, pseudo, truth)
+        train(
+            settings,
+            "student_1",
+            data_dir=data_dir,
+            augment_dir=folder / "augment",
+            pseudo_dir=pseudo,
+            models_dir=models,
+            checkpoint_dir=run / "checkpoints",
+        )
+        metrics = evaluate(
+            settings,
+            data_dir=data_dir,
+            models_dir=models,
+            pseudo_dir=pseudo,
+            metrics_file=run / "metrics.json",
+            comparison_file=run / "comparison.md",
+        )
+        self.record(
+            cell,
+            UPPER,
+            {
+                "overrides": {"recipe": final.name},
+                "models": {"final": metrics["student_1"]["model"]},
+                "test_accuracy": {
+                    "teacher": metrics["teacher"]["test_accuracy"],
+                    "final": metrics["student_1"]["test_accuracy"],
+                },
+                "pseudo_labels": {"final": summary_of(summary)},
+                "seconds": {"total": round(time.perf_counter() - start, 1)},
+            },
+        )
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            records.append(json.loads(line))
+    return records
+
+
+# ---- tables ---------------------------------------------------------------------------------
+
+
+def stats(values: list[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and count."""
+    if not values:
+        return float("nan"), float("nan"), 0
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), spread, len(values)
+
+
+def pct(by_seed: dict[int, float]) -> str:
+    mean, spread, n = stats(list(by_seed.values()))
+    if n == 0:
+        return "not run"
+    return f"{100 * mean:.1f} ± {100 * spread:.1f}" + (f" (n={n})" if n != N_EXPECTED else "")
+
+
+N_EXPECTED = 3  # seeds per setting: a cell with another count says so
+
+
+def setting_name(dataset: str, labels_per_class: int | None) -> str:
+    if labels_per_class is None:
+        return dataset
+    return f"{dataset}, {labels_per_class} labels/class"
+
+
+def accuracies(records: list[dict], variant: str, model: str) -> dict[int, float]:
+    """seed -> test accuracy of ``model`` in ``variant`` (within one setting's records)."""
+    return {
+        r["seed"]: r["test_accuracy"][model]
+        for r in records
+        if r["variant"] == variant and model in r.get("test_accuracy", {})
+    }
+
+
+def verdict(records: list[dict], final: str) -> dict[str, Any]:
+    """The issue's two targets for one setting, over the seeds that have all three runs."""
+    teacher = accuracies(records, "baseline", "teacher")
+    student = accuracies(records, "baseline", final)
+    upper = accuracies(records, UPPER, "final")
+    seeds = sorted(set(teacher) & set(student) & set(upper))
+    out: dict[str, Any] = {"seeds": seeds}
+    if seeds:
+        t = statistics.fmean(teacher[s] for s in seeds)
+        f = statistics.fmean(student[s] for s in seeds)
+        u = statistics.fmean(upper[s] for s in seeds)
+        out["gap_closed"] = (f - t) / (u - t) if u > t else float("nan")
+        per_seed = [
+            (student[s] - teacher[s]) / (upper[s] - teacher[s])
+            for s in seeds
+            if upper[s] > teacher[s]
+        ]
+        out["gap_closed_range"] = (min(per_seed), max(per_seed)) if per_seed else None
+        out["gap_met"] = out["gap_closed"] >= GAP_TARGET
+    paired = sorted(set(teacher) & set(student))
+    if paired:
+        gains = [student[s] - teacher[s] for s in paired]
+        spread = max(stats([teacher[s] for s in paired])[1], stats([student[s] for s in paired])[1])
+        out["gain"] = stats(gains)
+        out["spread"] = spread
+        out["not_below"] = statistics.fmean(gains) >= -spread
+    return out
+
+
+def gap_cell(v: dict) -> str:
+    if "gap_closed" not in v:
+        return "not run"
+    lo_hi = v.get("gap_closed_range")
+    span = f", seeds {100 * lo_hi[0]:.0f} to {100 * lo_hi[1]:.0f}%" if lo_hi else ""
+    mark = "met" if v["gap_met"] else "**missed**"
+    return f"{100 * v['gap_closed']:.0f}%{span}: {mark}"
+
+
+def gain_cell(v: dict) -> str:
+    if "gain" not in v:
+        return "not run"
+    mean, spread, _ = v["gain"]
+    mark = "met" if v["not_below"] else "**missed**"
+    return (
+        f"{100 * mean:+.1f} ± {100 * spread:.1f} pts (seed spread {100 * v['spread']:.1f}): {mark}"
+    )
+
+
+def render(records: list[dict]) -> str:
+    """Markdown: one table with every setting as a column, then the pseudo-labels' quality."""
+    settings = sorted(
+        {(r["dataset"], r["labels_per_class"]) for r in records},
+        key=lambda s: (s[0] != "digits", s[0], s[1] or 0),
+    )
+    by_setting = {
+        s: [r for r in records if (r["dataset"], r["labels_per_class"]) == s] for s in settings
+    }
+    models = {}
+    for s, rows in by_setting.items():
+        base = [r for r in rows if r["variant"] == "baseline"]
+        models[s] = list(base[0]["test_accuracy"]) if base else ["teacher"]
+    rounds = max((len(m) for m in models.values()), default=1)
+    head = "| test accuracy, % (mean ± std over seeds) | " + " | ".join(
+        setting_name(*s) for s in settings
+    )
+    lines = [head + " |", "|---" * (len(settings) + 1) + "|"]
+
+    def row(label: str, cells: list[str]) -> None:
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    def model_at(s, r: int) -> str | None:
+        return models[s][r] if r < len(models[s]) else None
+
+    def of(s, variant: str, model: str | None) -> dict[int, float]:
+        return accuracies(by_setting[s], variant, model) if model else {}
+
+    row("labeled only (the teacher)", [pct(of(s, "baseline", "teacher")) for s in settings])
+    for r in range(1, rounds):
+        final = " (final)" if r == rounds - 1 else ""
+        cells = [pct(of(s, "baseline", model_at(s, r))) for s in settings]
+        row(f"Noisy Student, round {r}{final}", cells)
+    label = "fully supervised: the final student's recipe, every pool label"
+    row(label, [pct(of(s, UPPER, "final")) for s in settings])
+    verdicts = {s: verdict(by_setting[s], models[s][-1]) for s in settings}
+    label = f"gap closed by the final student (target ≥ {100 * GAP_TARGET:.0f}%)"
+    row(label, [gap_cell(verdicts[s]) for s in settings])
+    label = "final student − teacher, paired by seed (target: not below by more than the spread)"
+    row(label, [gain_cell(verdicts[s]) for s in settings])
+    for variant, (label, _) in VARIANTS.items():
+        if variant == "baseline":
+            continue
+        for r in range(1, rounds):
+            cells = []
+            for s in settings:
+                acc = of(s, variant, model_at(s, r))
+                base = of(s, "baseline", model_at(s, r))
+                paired = sorted(set(acc) & set(base))
+                delta = ""
+                if paired:
+                    d = statistics.fmean(acc[k] - base[k] for k in paired)
+                    delta = f", {100 * d:+.1f} vs params.yaml"
+                cells.append(pct(acc) + delta if acc else "not run")
+            row(f"ablation: {label}, round {r}", cells)
+
+    lines += ["", pseudo_table(by_setting, settings, models)]
+    return "\n".join(lines) + "\n"
+
+
+def pseudo_table(by_setting: dict, settings: list, models: dict) -> str:
+    """Per variant and round: share of the pool kept, and how many of the kept labels were right."""
+    head = "| pseudo-labels: kept of the pool / kept correct, % (mean over seeds) | "
+    lines = [head + " | ".join(setting_name(*s) for s in settings) + " |"]
+    lines.append("|---" * (len(settings) + 1) + "|")
+    rounds = max(len(m) for m in models.values())
+    for variant in VARIANTS:
+        for r in range(1, rounds):
+            cells = []
+            for s in settings:
+                name = models[s][r] if r < len(models[s]) else None
+                rows = [
+                    x["pseudo_labels"][name]
+                    for x in by_setting[s]
+                    if x["variant"] == variant and name in x.get("pseudo_labels", {})
+                ]
+                if not rows:
+                    cells.append("not run")
+                    continue
+                kept = statistics.fmean(x["kept"] / x["pool_images"] for x in rows)
+                right = [x["kept_accuracy"] for x in rows if x["kept_accuracy"] is not None]
+                right_text = f"{100 * statistics.fmean(right):.1f}" if right else "unknown"
+                cells.append(f"{100 * kept:.1f} / {right_text}")
+            lines.append(f"| {variant}, for round {r} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def flat_rows(records: list[dict]) -> pd.DataFrame:
+    rows = []
+    for r in records:
+        for model, acc in r.get("test_accuracy", {}).items():
+            pseudo = r.get("pseudo_labels", {}).get(model, {})
+            rows.append(
+                {
+                    "dataset": r["dataset"],
+                    "labels_per_class": r["labels_per_class"],
+                    "seed": r["seed"],
+                    "variant": r["variant"],
+                    "model": model,
+                    "architecture": r.get("models", {}).get(model, ""),
+                    "test_accuracy": acc,
+                    "pseudo_kept": pseudo.get("kept"),
+                    "pseudo_pool": pseudo.get("pool_images"),
+                    "pseudo_kept_accuracy": pseudo.get("kept_accuracy"),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def write_report(results: Path, out_dir: Path, header: str = "") -> str:
+    records = read_records(results)
+    text = header + render(records)
+    write_text(out_dir / "accuracy.md", text)
+    write_text(out_dir / "accuracy.csv", flat_rows(records).to_csv(index=False))
+    return text
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs, values read as YAML (``3``, ``0.5``, ``true``, ``[a, b]``)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise PipelineError(f"--set {item}: expected key=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def run(
+    *,
+    params_file: Path = PARAMS_FILE,
+    labels_per_class: list[int] | None = None,
+    seeds: list[int] | None = None,
+    variants: list[str] | None = None,
+    folders: Path | None = None,
+    user_overrides: dict[str, Any] | None = None,
+    work: Path = Path("bench/work/accuracy"),
+    out_dir: Path = Path("bench/results"),
+    upper: bool = True,
+) -> str:
+    """Run every missing (setting, seed, variant) and rebuild the report; returns its text."""
+    seeds = [0, 1, 2] if seeds is None else seeds
+    variants = list(VARIANTS) if variants is None else variants
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise PipelineError(f"unknown variant(s) {unknown} (known: {', '.join(VARIANTS)})")
+    if folders is not None:
+        settings = [(f"folders:{folders.resolve()}", None)]
+    else:
+        settings = [("digits", n) for n in (labels_per_class or [3, 5])]
+    work.mkdir(parents=True, exist_ok=True)
+    results = out_dir / "accuracy.jsonl"
+    runner = Runner(params_file, work, results)
+    # the claims first: every setting and seed's teacher, students and upper bound; then the
+    # ablations, setting by setting (a run cut short still has whole rows)
+    first = [v for v in variants if v == "baseline"]
+    phases = [(first, upper), ([v for v in variants if v != "baseline"], upper)]
+    for phase_variants, phase_upper in phases:
+        for dataset, n in settings:
+            for seed in seeds:
+                overrides = cell_overrides(dataset, n, seed, user_overrides or {}, work)
+                runner.cell(Cell(dataset, n, seed, overrides), phase_variants, phase_upper)
+            write_report(results, out_dir)
+    return write_report(results, out_dir)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--params", default=str(PARAMS_FILE))
+    p.add_argument("--labels-per-class", type=int, nargs="+", default=[3, 5])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--folders", type=Path, help="a dataset laid out as labeled/ unlabeled/ test/")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="params overrides")
+    p.add_argument("--no-upper-bound", action="store_true")
+    p.add_argument("--work", type=Path, default=Path("bench/work/accuracy"))
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--report-only", action="store_true", help="rebuild the tables, run nothing")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    try:
+        if args.report_only:
+            text = write_report(args.out / "accuracy.jsonl", args.out)
+        else:
+            text = run(
+                params_file=Path(args.params),
+                labels_per_class=args.labels_per_class,
+                seeds=args.seeds,
+                variants=args.variants,
+                folders=args.folders,
+                user_overrides=parse_set(args.set),
+                work=args.work,
+                out_dir=args.out,
+                upper=not args.no_upper_bound,
+            )
+    except PipelineError as exc:
+        sys.exit(f"error: {exc}")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

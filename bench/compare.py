@@ -1,0 +1,259 @@
+"""Before and after the speed fixes, in one process: the pipeline's code at a git revision
+against the working tree's, alternated on the same synthetic data and model.
+
+    python -m bench.compare --before 20a922c      # the commit before the fixes
+
+- **training**: ``tasks.trainer.fit`` with ``create_optimizer`` from ``tasks/transfer.py`` at
+  ``--before`` (AdamW's default: a Python loop over tensors on the CPU) and from the working tree
+  (fused AdamW); everything else is the same code;
+- **pseudo-labeling**: the whole ``pseudo_label`` stage of ``tasks/pseudo_label.py`` at
+  ``--before`` (pandas ``to_csv``) and of the working tree (pyarrow's CSV writer), each checked to
+  write the same table (ids, predictions, kept rows, probabilities to 1e-5).
+
+Each side runs ``--repeats`` times, alternating with the other and with the bare model, and
+the best run of each counts (timeit's rule on a shared machine: other processes only ever slow a
+run down). Results: ``<out>/compare_<device>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+import tasks.trainer
+from bench.speed import (
+    BareInference,
+    BareTraining,
+    device_name,
+    new_model,
+    precision,
+    settings_for,
+    train_spec,
+    training_set,
+)
+from bench.synthetic import write_model, write_pool
+from tasks.atomic import write_text
+from tasks.data import Split, load_split
+from tasks.models import resolve_device
+from tasks.settings import PARAMS_FILE, Settings
+
+log = logging.getLogger("bench.compare")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def module_at(rev: str, path: str) -> types.ModuleType:
+    """``path`` (a module of this repository) as it was at git revision ``rev``; it imports the
+    working tree's other modules."""
+    source = subprocess.run(
+        ["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    name = path.removesuffix(".py").replace("/", ".") + f"_at_{rev}"
+    module = types.ModuleType(name)
+    module.__file__ = f"{rev}:{path}"
+    sys.modules[name] = module  # dataclasses look their module up by name
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module
+
+
+def fit_ips(
+    settings: Settings, spec, device, items, val: Split, create_optimizer, compile_: bool
+) -> float:
+    """Best images/s of fit's epochs after the first, with ``create_optimizer`` in its place."""
+    original = tasks.trainer.create_optimizer
+    tasks.trainer.create_optimizer = create_optimizer  # the one difference between the sides
+    try:
+        net = new_model(spec, device, settings, compile_)
+        history = tasks.trainer.fit(
+            net, items, val, spec, settings.runtime, device, 0, lambda r: None, "compare"
+        )
+    finally:
+        tasks.trainer.create_optimizer = original
+    return max(len(items) / r.seconds for r in history[1:])
+
+
+def label_ips(settings: Settings, stage, root: Path, out: str, count: int) -> float:
+    start = time.perf_counter()
+    stage(
+        settings,
+        "student_1",
+        data_dir=root / "prepared",
+        models_dir=root / "models",
+        out_dir=root / out,
+    )
+    return count / (time.perf_counter() - start)
+
+
+def same_table(a: Path, b: Path) -> bool:
+    x = pd.read_csv(a, dtype={"id": str, "pred_class": str})
+    y = pd.read_csv(b, dtype={"id": str, "pred_class": str})
+    if list(x.columns) != list(y.columns) or len(x) != len(y):
+        return False
+    exact = ["id", "pred", "pred_class", "kept", "copies"]
+    floats = [c for c in x.columns if c not in exact]
+    return bool(
+        (x[exact] == y[exact]).all().all()
+        and np.allclose(x[floats].to_numpy(), y[floats].to_numpy(), atol=1e-5)
+    )
+
+
+def run(
+    *,
+    before: str,
+    params_file: Path = PARAMS_FILE,
+    device: str = "auto",
+    size: int = 32,
+    model: str = "resnet18",
+    train_images: int = 512,
+    epochs: int = 3,
+    pool: int = 4096,
+    repeats: int = 5,
+    compile_: bool = False,
+    out_dir: Path | None = Path("bench/results"),
+    command: str = "",
+) -> dict[str, Any]:
+    old_transfer = module_at(before, "tasks/transfer.py")
+    old_pseudo = module_at(before, "tasks/pseudo_label.py")
+    from tasks.pseudo_label import pseudo_label
+    from tasks.transfer import create_optimizer
+
+    settings = settings_for(params_file, size, device, None)
+    torch_device = resolve_device(settings.runtime)
+    spec = train_spec(settings, model, epochs)
+    teacher = spec.model_copy(update={"drop_rate": 0.0, "drop_path_rate": 0.0})
+    sides: dict[str, dict[str, list[float]]] = {
+        k: {"fit": [], "pseudo_label": []} for k in ("before", "after")
+    }
+    bare_train: list[float] = []
+    bare_infer: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
+        work = Path(tmp)
+        write_pool(work / "train", train_images, size, split="labeled")
+        items = training_set(settings, spec, work / "train")
+        val = load_split("labeled", work / "train")
+        val = Split(val.images[:64], val.ids[:64], val.labels[:64], val.true_labels[:64])
+        write_pool(work / "prepared", pool, size)
+        write_model(work / "models" / "teacher", teacher, size)
+        bare = BareTraining(spec, settings, torch_device, size, compile_)
+        batch = settings.pseudo_label.batch_size
+        infer = BareInference(teacher, settings, torch_device, size, batch)
+        steps = max(3, train_images // spec.batch_size)
+        infer_steps = max(3, pool // settings.pseudo_label.batch_size)
+        label_ips(settings, pseudo_label, work, "warm", pool)  # the pool's pages, the model
+        for i in range(repeats):
+            log.info("round %d of %d", i + 1, repeats)
+            # alternate which side goes first, so neither always follows the other
+            order = ("before", "after") if i % 2 == 0 else ("after", "before")
+            for side in order:
+                factory = old_transfer.create_optimizer if side == "before" else create_optimizer
+                sides[side]["fit"].append(
+                    fit_ips(settings, spec, torch_device, items, val, factory, compile_)
+                )
+            bare_train.append(bare(steps))
+            for side in order:
+                stage = old_pseudo.pseudo_label if side == "before" else pseudo_label
+                sides[side]["pseudo_label"].append(label_ips(settings, stage, work, side, pool))
+            bare_infer.append(infer(infer_steps))
+        tables_match = same_table(
+            work / "before" / "student_1.csv", work / "after" / "student_1.csv"
+        )
+    med = max  # best of the repeats
+    result = {
+        "device": device_name(torch_device),
+        "precision": precision(settings, torch_device),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": command,
+        "before": before,
+        "model": model,
+        "image_size": size,
+        "train_batch": spec.batch_size,
+        "train_images": train_images,
+        "pool_images": pool,
+        "repeats": repeats,
+        "measured": sides,
+        "bare_train_ips": bare_train,
+        "bare_infer_ips": bare_infer,
+        "tables_match": tables_match,
+        "fit_speedup": med(sides["after"]["fit"]) / med(sides["before"]["fit"]),
+        "pseudo_label_speedup": (
+            med(sides["after"]["pseudo_label"]) / med(sides["before"]["pseudo_label"])
+        ),
+    }
+    if out_dir is not None:
+        stem = out_dir / f"compare_{torch_device.type}"
+        write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+        write_text(stem.with_suffix(".md"), render(result))
+    return result
+
+
+def render(r: dict[str, Any]) -> str:
+    med = max  # best of the repeats
+    m = r["measured"]
+    head = (
+        f"Device: {r['device']}; torch {r['torch']}; {r['precision']}; {r['model']} at "
+        f"{r['image_size']} px; best of {r['repeats']} alternated runs; {r['date']}.\n"
+        f"Command: `{r['command']}`\n\n"
+    )
+    bare_t, bare_i = med(r["bare_train_ips"]), med(r["bare_infer_ips"])
+    lines = [
+        f"| img/s | before ({r['before']}) | after | speed-up | bare model (same run) |",
+        "|---|---|---|---|---|",
+        f"| `fit`, batch {r['train_batch']}, {r['train_images']} images per epoch | "
+        f"{med(m['before']['fit']):.0f} | {med(m['after']['fit']):.0f} | "
+        f"**{r['fit_speedup']:.2f}x** | fwd+bwd+step {bare_t:.0f} (AdamW fused) |",
+        f"| `pseudo_label`, a pool of {r['pool_images']} | "
+        f"{med(m['before']['pseudo_label']):.0f} | {med(m['after']['pseudo_label']):.0f} | "
+        f"**{r['pseudo_label_speedup']:.2f}x** | inference {bare_i:.0f} |",
+    ]
+    same = "the same" if r["tables_match"] else "**different**"
+    return head + "\n".join(lines) + f"\n\nBoth sides wrote {same} pseudo-label table.\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--before", required=True, help="git revision before the fixes")
+    p.add_argument("--params", default=str(PARAMS_FILE))
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--train-images", type=int, default=512)
+    p.add_argument("--epochs", type=int, default=3, help="per fit call; the first warms up")
+    p.add_argument("--pool", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    result = run(
+        before=args.before,
+        params_file=Path(args.params),
+        device=args.device,
+        size=args.size,
+        model=args.model,
+        train_images=args.train_images,
+        epochs=args.epochs,
+        pool=args.pool,
+        repeats=args.repeats,
+        compile_=args.compile,
+        out_dir=args.out,
+        command=shlex.join(["python", "-m", "bench.compare", *sys.argv[1:]]),
+    )
+    print(render(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Synthetic inputs for the speed and scale benchmarks, in the pipeline's own on-disk layouts: a
+prepared pool (tasks/data.py: ``images.npy`` + ``index.csv``, written by tasks.prepare's
+``write_split``) and a model folder (tasks/models.py: safetensors + card). Pixels are random: the
+benchmarks measure time and memory, which do not depend on what the images show."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks.data import UNKNOWN
+from tasks.models import Member, ModelCard, create_model, normalization, save_checkpoint
+from tasks.prepare import write_split
+from tasks.settings import ModelTraining
+
+CLASSES = [str(c) for c in range(10)]
+
+
+def random_images(count: int, size: int, seed: int) -> Iterator[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        yield rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def write_pool(root: Path, count: int, size: int, seed: int = 0, split: str = "unlabeled") -> Path:
+    """A prepared split of ``count`` random images under ``root`` (plus classes.json), streamed
+    to disk image by image as tasks.prepare writes a real one. The pool's labels are unknown;
+    another split's are random."""
+    ids = [f"{split}/img_{i:07d}.png" for i in range(count)]
+    labels = (
+        np.full(count, UNKNOWN)
+        if split == "unlabeled"
+        else np.random.default_rng(seed).integers(0, len(CLASSES), count)
+    )
+    index = pd.DataFrame({"id": ids, "label": labels, "true_label": labels, "source": "synthetic"})
+    write_split(root / split, random_images(count, size, seed), count, size, index, split)
+    summary = {"classes": CLASSES, "source": "synthetic", "counts": {split: count}}
+    (root / "classes.json").write_text(json.dumps(summary))
+    return root
+
+
+def write_model(folder: Path, spec: ModelTraining, image_size: int) -> Path:
+    """An untrained model saved as a trained one is (its weights do not change its speed)."""
+    net = create_model(spec, len(CLASSES))
+    mean, std = normalization(net)
+    card = ModelCard(
+        name=folder.name,
+        classes=CLASSES,
+        image_size=image_size,
+        mlflow_run_id=None,
+        members=[Member(spec.model, "model.safetensors", mean, std, None)],
+    )
+    save_checkpoint([net], card, folder)
+    return folder
