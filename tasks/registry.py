@@ -87,7 +87,7 @@ def register(
     champion = champion_of(accuracies)
     entries = []
     try:
-        mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+        tracking.use_tracking_uri(tracking.tracking_uri(cfg))
         client = mlflow.MlflowClient()
         try:
             client.get_registered_model(cfg.registered_model)
@@ -140,7 +140,7 @@ def point_champion(cfg: MlflowSettings, registry: dict) -> None:
     if version is None:
         return
     try:
-        mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+        tracking.use_tracking_uri(tracking.tracking_uri(cfg))
         mlflow.MlflowClient().set_registered_model_alias(
             registry["registered_model"], CHAMPION, str(version)
         )

@@ -36,6 +36,19 @@ def tracking_uri(cfg: MlflowSettings) -> str:
     return uri
 
 
+def use_tracking_uri(uri: str) -> None:
+    """``mlflow.set_tracking_uri`` without its side effect: MLflow 3 also exports the URI as
+    ``MLFLOW_TRACKING_URI``, which :func:`tracking_uri` reads as the user's choice of server, so
+    one project's store would outlive its run (the next flow run in a served process, every
+    subprocess it starts). The environment is left as the user set it."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def ui_url(cfg: MlflowSettings) -> str:
     """The MLflow UI: the tracking server itself when runs go to one, else ``mlflow.ui_url``."""
     uri = tracking_uri(cfg)
@@ -43,7 +56,7 @@ def ui_url(cfg: MlflowSettings) -> str:
 
 
 def experiment_id(cfg: MlflowSettings) -> str:
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    use_tracking_uri(tracking_uri(cfg))
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
         return experiment.experiment_id
@@ -224,7 +237,7 @@ def log_batch_image(batch: torch.Tensor, artifact_file: str = "train_batch.png")
 def log_test_accuracy(cfg: MlflowSettings, run_id: str | None, value: float) -> None:
     if run_id is None:
         return
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    use_tracking_uri(tracking_uri(cfg))
     try:
         mlflow.MlflowClient().log_metric(run_id, "test_accuracy", value)
     except MlflowException as exc:

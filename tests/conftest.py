@@ -31,6 +31,16 @@ for key, value in {
 # Prefect's settings, database and profiles of the tests stay out of the user's ~/.prefect
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
 os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # runs go to each test's own project store
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_stays_out_of_the_environment():
+    """Tests read their stores with ``mlflow.set_tracking_uri``, which MLflow 3 also exports as
+    ``MLFLOW_TRACKING_URI``: left set, the next test's pipeline (which honours that variable)
+    would log into the previous test's store."""
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def load_params() -> dict[str, Any]:

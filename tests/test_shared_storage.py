@@ -60,7 +60,12 @@ def mlflow_server(tmp_path):
 
 
 def test_the_environment_names_the_tracking_server(monkeypatch):
-    cfg = MlflowSettings(experiment="e", tracking_uri="sqlite:////p/m.db", ui_url="http://x:5000")
+    cfg = MlflowSettings(
+        experiment="e",
+        tracking_uri="sqlite:////p/m.db",
+        ui_url="http://x:5000",
+        registered_model="m",
+    )
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking_uri(cfg) == "sqlite:////p/m.db" and ui_url(cfg) == "http://x:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
+import mlflow
+
 from tasks.settings import MlflowSettings
-from tasks.tracking import flatten, tracking_uri
+from tasks.tracking import flatten, tracking_uri, use_tracking_uri
 
 
 def mlflow_settings(uri: str) -> MlflowSettings:
-    return MlflowSettings(experiment="e", tracking_uri=uri, ui_url="http://127.0.0.1:5000")
+    return MlflowSettings(
+        experiment="e", tracking_uri=uri, ui_url="http://127.0.0.1:5000", registered_model="m"
+    )
 
 
 def test_relative_sqlite_uri_is_pinned_to_the_project(tmp_path, monkeypatch):
@@ -20,3 +26,15 @@ def test_relative_sqlite_uri_is_pinned_to_the_project(tmp_path, monkeypatch):
 def test_flatten_names_nested_keys_and_list_items():
     tree = {"a": {"b": 1}, "students": [{"model": "x"}, {"model": "y"}]}
     assert flatten(tree) == {"a.b": 1, "students.0.model": "x", "students.1.model": "y"}
+
+
+def test_pointing_mlflow_at_a_store_leaves_the_environment_alone(tmp_path, monkeypatch):
+    """MLflow 3's set_tracking_uri exports the URI; ours must not, or one project's store would
+    become the next run's 'user-chosen' server (MLFLOW_TRACKING_URI wins over params.yaml)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    use_tracking_uri(f"sqlite:///{tmp_path}/a.db")
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/a.db"
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    use_tracking_uri(f"sqlite:///{tmp_path}/b.db")
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
