@@ -97,12 +97,12 @@ def evaluate(
             metrics[name] = {"test_accuracy": acc, "model": card.model}
             run_ids[name] = card.mlflow_run_id
             tracking.log_test_accuracy(settings.mlflow, card.mlflow_run_id, acc)
-        if len(card.members) > 1:  # an ensemble: how each member does alone
-            for k, (net, member) in enumerate(zip(classifier.nets, card.members, strict=True)):
-                alone = Classifier([net], [member.mean], [member.std])
-                member_acc = accuracy(alone, loader, test.labels, device, settings.runtime)
-                metrics[name][f"member_{k}_test_accuracy"] = member_acc
-                tracking.log_test_accuracy(settings.mlflow, member.mlflow_run_id, member_acc)
+            if len(card.members) > 1:  # an ensemble: how each member does alone
+                for k, (net, member) in enumerate(zip(classifier.nets, card.members, strict=True)):
+                    alone = Classifier([net], [member.mean], [member.std])
+                    member_acc = accuracy(alone, loader, test.labels, device, settings.runtime)
+                    metrics[name][f"member_{k}_test_accuracy"] = member_acc
+                    tracking.log_test_accuracy(settings.mlflow, member.mlflow_run_id, member_acc)
     registered = registry.register(
         settings.mlflow,
         {name: m["test_accuracy"] for name, m in metrics.items()},

@@ -134,7 +134,7 @@ def test_streamed_table_keeps_class_names_as_text_and_float32_probabilities_exac
     append_csv(table.iloc[:3], rows, header=True)  # as the stage streams, batch by batch
     append_csv(table.iloc[3:], rows, header=False)
     out = tmp_path / "student_1.csv"
-    write_with_copies(rows, out, np.array([1, 0, 1, 1]))
+    write_with_copies([rows], out, np.array([1, 0, 1, 1]))
     written = pd.read_csv(out, dtype={"id": str, "pred_class": str})
     assert written["pred_class"].tolist() == ["007", "007", "010", "1e3"]
     probs = written[[f"p_{c}" for c in classes]].to_numpy().astype(np.float32)
