@@ -135,8 +135,11 @@ def test_scale_benchmark_measures_a_fresh_process_per_pool(tmp_path):
     small, large = result["pools"]
     assert large["pool_file_mb"] == pytest.approx(2 * small["pool_file_mb"], rel=0.01)
     assert small["rss_anon_growth_mb"] > 0 and large["seconds"] > 0
-    # off a terminal, the stage logs progress lines, the last one at 100%
-    assert large["progress_lines"][-1].startswith("pseudo-label (teacher): 600/600 images (100%)")
+    # off a terminal the stage logs at most a line per 5 s, and a step quicker than that stays
+    # silent (tasks/progress.py): pools this small may log nothing; what is logged is progress
+    lines = large["progress_lines"]
+    assert all(scale.PROGRESS.search(line) for line in lines)
+    assert not lines or lines[-1].startswith("pseudo-label (teacher): 600/600 images (100%)")
     assert "| 600 |" in (tmp_path / "scale.md").read_text()
 
 

@@ -456,7 +456,11 @@ def test_a_worker_of_the_process_pool_runs_the_deployment(prefect_server, tmp_pa
             ran_by = client.read_flow_run(flow_run_.id).work_pool_name
     finally:
         worker.terminate()
-        output = worker.communicate(timeout=60)[0]
+        try:
+            output = worker.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:  # its shutdown is Prefect's; seen to hang under load
+            worker.kill()
+            output = worker.communicate()[0]
     assert pool.type == "process" and ran_by == "test-pool"
     assert "Worker" in output and str(flow_run_.id) in output
     assert set(json.loads((project / "metrics.json").read_text())) == {"teacher", "student_1"}

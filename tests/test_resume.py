@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import load_params, make_project, run, shrink, venv_env
+from conftest import load_params, make_project, run, shrink, training_runs, venv_env
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,7 @@ def test_killed_training_resumes_and_ends_as_if_never_killed(tmp_path):
     assert not (killed / "checkpoints/teacher").exists()  # removed once the model is saved
 
     # ...so the same run carries on: one teacher run, FINISHED, every epoch logged once
-    by_name = {r.info.run_name: r for r in runs(killed)}
+    by_name = {r.info.run_name: r for r in training_runs(runs(killed))}
     assert sorted(by_name) == ["student_1", "teacher"]
     teacher = by_name["teacher"]
     assert teacher.info.run_id == interrupted.info.run_id

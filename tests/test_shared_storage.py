@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import load_params, make_project, run, shrink, venv_env
+from conftest import load_params, make_project, run, shrink, training_runs, venv_env
 
 from tasks.settings import MlflowSettings
 from tasks.tracking import tracking_uri, ui_url
@@ -89,7 +89,9 @@ def test_a_second_machine_reproduces_from_the_remote_and_runs_go_to_the_server(
     # every training ran against the server: runs, metrics, models and artifacts are there
     client = mlflow.MlflowClient(url)
     (experiment,) = [e for e in client.search_experiments() if e.name == "noisy-student"]
-    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    runs = {
+        r.info.run_name: r for r in training_runs(client.search_runs([experiment.experiment_id]))
+    }
     assert sorted(runs) == ["student_1", "teacher"]
     assert all(r.info.status == "FINISHED" for r in runs.values())
     metrics = json.loads((first / "metrics.json").read_text())
