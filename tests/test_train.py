@@ -62,6 +62,8 @@ def test_teacher_student_loop_tracks_every_run(tmp_path, tiny_params, monkeypatc
         pseudo_dir=tmp_path / "pl",
         metrics_file=tmp_path / "metrics.json",
         comparison_file=tmp_path / "comparison.md",
+        predictions_dir=tmp_path / "test_predictions",
+        registry_file=tmp_path / "registry.json",
         **dirs,
     )
     assert set(metrics) == {"teacher", "student_1"}
