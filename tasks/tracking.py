@@ -55,13 +55,21 @@ def ui_url(cfg: MlflowSettings) -> str:
     return uri if uri.startswith(("http://", "https://")) else cfg.ui_url
 
 
+def artifact_location(uri: str) -> str | None:
+    """A SQLite store's artifacts go beside it (``<folder>/mlruns``): MLflow's default is
+    ``./mlruns`` under whatever directory the first run happened to start in. A server: its own."""
+    prefix = "sqlite:///"
+    return str(Path(uri.removeprefix(prefix)).parent / "mlruns") if uri.startswith(prefix) else None
+
+
 def experiment_id(cfg: MlflowSettings) -> str:
-    use_tracking_uri(tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+    use_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return mlflow.create_experiment(cfg.experiment)
+        return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location(uri))
     except MlflowException:  # another process created it first
         return mlflow.get_experiment_by_name(cfg.experiment).experiment_id
 

@@ -7,7 +7,7 @@ import os
 import mlflow
 
 from tasks.settings import MlflowSettings
-from tasks.tracking import flatten, tracking_uri, use_tracking_uri
+from tasks.tracking import artifact_location, flatten, tracking_uri, use_tracking_uri
 
 
 def mlflow_settings(uri: str) -> MlflowSettings:
@@ -38,3 +38,8 @@ def test_pointing_mlflow_at_a_store_leaves_the_environment_alone(tmp_path, monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     use_tracking_uri(f"sqlite:///{tmp_path}/b.db")
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
+
+
+def test_a_sqlite_store_keeps_its_artifacts_beside_it():
+    assert artifact_location("sqlite:////srv/p/mlflow.db") == "/srv/p/mlruns"
+    assert artifact_location("http://mlflow.internal:5000") is None
