@@ -75,6 +75,21 @@ VARIANTS: dict[str, tuple[str, Path | dict[str, Any]]] = {
 GAP_TARGET = 0.70  # the final student must close this share of labeled-only -> fully supervised
 
 
+def evaluate_run(settings: Settings, data_dir: Path, models: Path, pseudo: Path, run: Path) -> dict:
+    """tasks.evaluate with every output in the run's own folder (the repository's reports/ is
+    the pipeline's, not the benchmark's)."""
+    return evaluate(
+        settings,
+        data_dir=data_dir,
+        models_dir=models,
+        pseudo_dir=pseudo,
+        metrics_file=run / "metrics.json",
+        comparison_file=run / "comparison.md",
+        predictions_dir=run / "test_predictions",
+        registry_file=run / "registry.json",
+    )
+
+
 def variant_overrides(name: str, params_file: Path) -> dict[str, Any]:
     changes = VARIANTS[name][1]
     return load_recipe(changes, params_file) if isinstance(changes, Path) else dict(changes)
@@ -264,14 +279,7 @@ class Runner:
                 checkpoint_dir=run / "checkpoints",
             )
             seconds[f"train_{student.name}"] = time.perf_counter() - t0
-        metrics = evaluate(
-            settings,
-            data_dir=data_dir,
-            models_dir=models,
-            pseudo_dir=pseudo,
-            metrics_file=run / "metrics.json",
-            comparison_file=run / "comparison.md",
-        )
+        metrics = evaluate_run(settings, data_dir, models, pseudo, run)
         seconds["total"] = time.perf_counter() - start + seconds.pop("teacher", 0.0)
         accuracy = {name: m["test_accuracy"] for name, m in metrics.items()}
         self.record(
@@ -315,14 +323,7 @@ class Runner:
             models_dir=models,
             checkpoint_dir=run / "checkpoints",
         )
-        metrics = evaluate(
-            settings,
-            data_dir=data_dir,
-            models_dir=models,
-            pseudo_dir=pseudo,
-            metrics_file=run / "metrics.json",
-            comparison_file=run / "comparison.md",
-        )
+        metrics = evaluate_run(settings, data_dir, models, pseudo, run)
         self.record(
             cell,
             UPPER,
