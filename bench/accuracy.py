@@ -18,7 +18,7 @@ killed benchmark loses one run at most and a second call skips what is there; th
 The upper bound: the final student's recipe (model, noise, epochs, ...) trained on the labeled
 images plus the whole pool with its true labels. It goes through the same training code as any
 student: a one-round run whose pseudo-label table holds the truth (confidence 1, every row kept),
-so `tasks.train` reads it like any table. The truth comes from the demo's hidden labels
+so `noisy_student.training.train` reads it like any table. The truth comes from the demo's hidden labels
 (``true_label`` of the prepared pool); for ``--folders``, from the pool's first folder level where
 every image sits under a class folder (``unlabeled/<class>/...``; the pipeline itself ignores
 those folders), else the upper bound is marked not run.
@@ -42,16 +42,16 @@ import pandas as pd
 import torch
 import yaml
 
-from tasks.atomic import atomic_path, write_text
-from tasks.augment import augment
-from tasks.data import UNKNOWN, Split, load_classes, load_split
-from tasks.errors import PipelineError
-from tasks.evaluate import evaluate
-from tasks.prepare import prepare
-from tasks.pseudo_label import label_rows, pseudo_label, summarize
-from tasks.recipes import load_recipe
-from tasks.settings import PARAMS_FILE, Settings, load_settings
-from tasks.train import train
+from noisy_student.augment.policy import augment
+from noisy_student.core.atomic import atomic_path, write_text
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.settings import PARAMS_FILE, Settings, load_settings
+from noisy_student.data.prepare import prepare
+from noisy_student.data.splits import UNKNOWN, Split, load_classes, load_split
+from noisy_student.evaluation.evaluate import evaluate
+from noisy_student.pseudo_labels.labeling import label_rows, pseudo_label, summarize
+from noisy_student.recipes import load_recipe
+from noisy_student.training.train import train
 
 log = logging.getLogger("bench.accuracy")
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ GAP_TARGET = 0.70  # the final student must close this share of labeled-only -> 
 
 
 def evaluate_run(settings: Settings, data_dir: Path, models: Path, pseudo: Path, run: Path) -> dict:
-    """tasks.evaluate with every output in the run's own folder (the repository's reports/ is
+    """noisy_student.evaluation.evaluate with every output in the run's own folder (the repository's reports/ is
     the pipeline's, not the benchmark's)."""
     return evaluate(
         settings,
@@ -146,7 +146,7 @@ def write_truth_table(
     settings: Settings, name: str, data_dir: Path, out_dir: Path, truth: np.ndarray
 ) -> dict:
     """A pseudo-label table whose labels are the truth, every row kept once (the columns of
-    tasks/pseudo_label.py's table, built by its own ``label_rows`` and ``summarize``)."""
+    noisy_student/pseudo_labels/labeling.py's table, built by its own ``label_rows`` and ``summarize``)."""
     classes = load_classes(data_dir)
     pool = load_split("unlabeled", data_dir)
     probs = torch.nn.functional.one_hot(torch.tensor(truth), len(classes)).float()

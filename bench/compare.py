@@ -3,10 +3,10 @@ against the working tree's, alternated on the same synthetic data and model.
 
     python -m bench.compare --before 20a922c      # the commit before the fixes
 
-- **training**: ``tasks.trainer.fit`` with ``create_optimizer`` from ``tasks/transfer.py`` at
+- **training**: ``noisy_student.training.loop.fit`` with ``create_optimizer`` from ``noisy_student/models/transfer.py`` at
   ``--before`` (AdamW's default: a Python loop over tensors on the CPU) and from the working tree
   (fused AdamW); everything else is the same code;
-- **pseudo-labeling**: the whole ``pseudo_label`` stage of ``tasks/pseudo_label.py`` at
+- **pseudo-labeling**: the whole ``pseudo_label`` stage of ``noisy_student/pseudo_labels/labeling.py`` at
   ``--before`` (pandas ``to_csv``) and of the working tree (pyarrow's CSV writer), each checked to
   write the same table (ids, predictions, kept rows, probabilities to 1e-5).
 
@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-import tasks.trainer
+import noisy_student.training.loop
 from bench.speed import (
     BareInference,
     BareTraining,
@@ -46,10 +46,10 @@ from bench.speed import (
     training_set,
 )
 from bench.synthetic import write_model, write_pool
-from tasks.atomic import write_text
-from tasks.data import Split, load_split
-from tasks.models import resolve_device
-from tasks.settings import PARAMS_FILE, Settings
+from noisy_student.core.atomic import write_text
+from noisy_student.core.settings import PARAMS_FILE, Settings
+from noisy_student.data.splits import Split, load_split
+from noisy_student.models.classifier import resolve_device
 
 log = logging.getLogger("bench.compare")
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,15 +73,15 @@ def fit_ips(
     settings: Settings, spec, device, items, val: Split, create_optimizer, compile_: bool
 ) -> float:
     """Best images/s of fit's epochs after the first, with ``create_optimizer`` in its place."""
-    original = tasks.trainer.create_optimizer
-    tasks.trainer.create_optimizer = create_optimizer  # the one difference between the sides
+    original = noisy_student.training.loop.create_optimizer
+    noisy_student.training.loop.create_optimizer = create_optimizer  # the one difference between the sides
     try:
         net = new_model(spec, device, settings, compile_)
-        history = tasks.trainer.fit(
+        history = noisy_student.training.loop.fit(
             net, items, val, spec, settings.runtime, device, 0, lambda r: None, "compare"
         )
     finally:
-        tasks.trainer.create_optimizer = original
+        noisy_student.training.loop.create_optimizer = original
     return max(len(items) / r.seconds for r in history[1:])
 
 
@@ -125,10 +125,10 @@ def run(
     out_dir: Path | None = Path("bench/results"),
     command: str = "",
 ) -> dict[str, Any]:
-    old_transfer = module_at(before, "tasks/transfer.py")
-    old_pseudo = module_at(before, "tasks/pseudo_label.py")
-    from tasks.pseudo_label import pseudo_label
-    from tasks.transfer import create_optimizer
+    old_transfer = module_at(before, "noisy_student/models/transfer.py")
+    old_pseudo = module_at(before, "noisy_student/pseudo_labels/labeling.py")
+    from noisy_student.models.transfer import create_optimizer
+    from noisy_student.pseudo_labels.labeling import pseudo_label
 
     settings = settings_for(params_file, size, device, None)
     torch_device = resolve_device(settings.runtime)

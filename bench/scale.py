@@ -3,9 +3,9 @@
     python -m bench.scale                               # 1k, 10k, 100k images of 32 x 32
     python -m bench.scale --pools 1000 10000 100000 1000000 --model resnet18
 
-For each pool size this writes a synthetic prepared pool (tasks/data.py's layout, through
-tasks.prepare's ``write_split``) and an untrained model, then runs the real stage function,
-``tasks.pseudo_label.pseudo_label``, in a fresh Python process whose stderr is a pipe (not a
+For each pool size this writes a synthetic prepared pool (noisy_student/data/splits.py's layout, through
+noisy_student.data.prepare's ``write_split``) and an untrained model, then runs the real stage function,
+``noisy_student.pseudo_labels.labeling.pseudo_label``, in a fresh Python process whose stderr is a pipe (not a
 terminal, as under DVC or Prefect), and measures there:
 
 - wall time of the stage (model loading included), images/s, and the CPU time of the process
@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.atomic import write_text
-from tasks.settings import PARAMS_FILE, known_timm_model, load_settings
+from noisy_student.core.atomic import write_text
+from noisy_student.core.settings import PARAMS_FILE, known_timm_model, load_settings
 
 log = logging.getLogger("bench.scale")
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def child(root: Path, params_file: Path, batch: int) -> None:
     """In a fresh process: pseudo-label the pool under ``root`` and print the measurements."""
     import torch  # noqa: F401  (imported before the baseline: its import is not the stage's)
 
-    from tasks.pseudo_label import pseudo_label
+    from noisy_student.pseudo_labels.labeling import pseudo_label
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     overrides = {"runtime.device": "cpu", "pseudo_label.threshold": 0.0}

@@ -6,12 +6,12 @@
 
 Two ratios, each measured in one process, same model, batch and precision on both sides:
 
-- **training**: ``tasks.trainer.fit`` itself (its DataLoader over a memory-mapped prepared split,
+- **training**: ``noisy_student.training.loop.fit`` itself (its DataLoader over a memory-mapped prepared split,
   albumentations + RandAugment per image, CutMix/MixUp, the normalizing Classifier, the soft
   cross-entropy, the LR schedule) in images/s, divided by the bare forward + backward + optimizer
   step of the same network on a synthetic batch already on the device (as timm's benchmark.py
   measures: no data loading, no augmentation);
-- **pseudo-labeling**: the ``tasks.pseudo_label.pseudo_label`` stage (model loading, the pool
+- **pseudo-labeling**: the ``noisy_student.pseudo_labels.labeling.pseudo_label`` stage (model loading, the pool
   streamed from disk, the probabilities, the CSV table and its summary) in images/s, divided by
   bare inference of the same network on a synthetic on-device batch.
 
@@ -46,17 +46,23 @@ import torch
 import torch.nn.functional as F
 
 from bench.synthetic import CLASSES, write_model, write_pool
-from tasks.atomic import write_text
-from tasks.augment import TrainTransform, build_policy, randaugment
-from tasks.data import Split, TrainingImages, load_split, make_loader
-from tasks.inference import autocast, device_memory_format
-from tasks.mixing import one_hot
-from tasks.models import create_model, resolve_device
-from tasks.pseudo_label import pseudo_label
-from tasks.resume import Checkpoints
-from tasks.settings import PARAMS_FILE, ModelTraining, Settings, known_timm_model, load_settings
-from tasks.trainer import fit, seed_everything
-from tasks.transfer import create_optimizer
+from noisy_student.augment.policy import TrainTransform, build_policy, randaugment
+from noisy_student.core.atomic import write_text
+from noisy_student.core.settings import (
+    PARAMS_FILE,
+    ModelTraining,
+    Settings,
+    known_timm_model,
+    load_settings,
+)
+from noisy_student.data.splits import Split, TrainingImages, load_split, make_loader
+from noisy_student.losses.mixing import one_hot
+from noisy_student.models.classifier import create_model, resolve_device
+from noisy_student.models.inference import autocast, device_memory_format
+from noisy_student.models.transfer import create_optimizer
+from noisy_student.pseudo_labels.labeling import pseudo_label
+from noisy_student.training.loop import fit, seed_everything
+from noisy_student.training.resume import Checkpoints
 
 log = logging.getLogger("bench.speed")
 
@@ -186,7 +192,7 @@ def interleaved_training(
     compile_: bool,
     work: Path,
 ) -> dict[str, list[float]]:
-    """tasks.trainer.fit itself, as a training runs it (checkpoints every
+    """noisy_student.training.loop.fit itself, as a training runs it (checkpoints every
     ``runtime.checkpoint_epochs``), with a bare measurement before it and inside its ``on_epoch``
     hook after every epoch, so that each epoch is compared with the bare speed measured right
     around it.

@@ -1,6 +1,6 @@
 """Synthetic inputs for the speed and scale benchmarks, in the pipeline's own on-disk layouts: a
-prepared pool (tasks/data.py: ``images.npy`` + ``index.csv``, written by tasks.prepare's
-``write_split``) and a model folder (tasks/models.py: safetensors + card). Pixels are random: the
+prepared pool (noisy_student/data/splits.py: ``images.npy`` + ``index.csv``, written by noisy_student.data.prepare's
+``write_split``) and a model folder (noisy_student/models/classifier.py: safetensors + card). Pixels are random: the
 benchmarks measure time and memory, which do not depend on what the images show."""
 
 from __future__ import annotations
@@ -12,10 +12,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.data import UNKNOWN
-from tasks.models import Member, ModelCard, create_model, normalization, save_checkpoint
-from tasks.prepare import write_split
-from tasks.settings import ModelTraining
+from noisy_student.core.settings import ModelTraining
+from noisy_student.data.prepare import write_split
+from noisy_student.data.splits import UNKNOWN
+from noisy_student.models.classifier import (
+    Member,
+    ModelCard,
+    create_model,
+    normalization,
+    save_checkpoint,
+)
 
 CLASSES = [str(c) for c in range(10)]
 
@@ -28,7 +34,7 @@ def random_images(count: int, size: int, seed: int) -> Iterator[np.ndarray]:
 
 def write_pool(root: Path, count: int, size: int, seed: int = 0, split: str = "unlabeled") -> Path:
     """A prepared split of ``count`` random images under ``root`` (plus classes.json), streamed
-    to disk image by image as tasks.prepare writes a real one. The pool's labels are unknown;
+    to disk image by image as noisy_student.data.prepare writes a real one. The pool's labels are unknown;
     another split's are random."""
     ids = [f"{split}/img_{i:07d}.png" for i in range(count)]
     labels = (

@@ -26,9 +26,9 @@ from dvc.repo import Repo
 from dvc.stage.cache import RunCacheNotFoundError
 from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
 
-from tasks.atomic import write_text
-from tasks.errors import PipelineError
-from tasks.settings import apply_overrides
+from noisy_student.core.atomic import write_text
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.settings import apply_overrides
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,10 @@
 """Prefect flow `self-training`: the Noisy Student loop of dvc.yaml, one Prefect task per stage.
 
     prepare -> augment -> train teacher -> (pseudo-label -> train student) per round -> evaluate
+    -> register, export, report
 
-Each task calls the stage function that dvc.yaml's command calls (flows/stages.py) and is skipped,
+The steps are dvc.yaml's stages (flows/stages.py); each task calls the tasks/ module that the
+stage's command runs and is skipped,
 restored from DVC's run-cache, or run and recorded in dvc.lock exactly as `dvc repro` would
 (flows/dvc_project.py). A completed run is saved as a DVC experiment named after the flow run.
 
@@ -33,18 +35,20 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import deployment, flow_run
 
 from flows.dvc_project import DvcProject, Outcome, params_for_run
-from flows.stages import Step, check_against_dag, plan
-from tasks import registry, report, tracking
-from tasks.errors import PipelineError
-from tasks.evaluate import METRICS_FILE, REGISTRY_FILE
-from tasks.models import MODELS_DIR, load_card
-from tasks.pseudo_label import PSEUDO_DIR
-from tasks.settings import PARAMS_FILE, Settings, load_settings
+from flows.stages import Step, plan
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.layout import Layout
+from noisy_student.core.settings import PARAMS_FILE, Settings, load_settings
+from noisy_student.models.classifier import load_card
+from noisy_student.report import publish, render
+from noisy_student.tracking import registry
+from noisy_student.tracking import runs as tracking
 
 FLOW_NAME = "self-training"
 LOCK_FILE = Path(".dvc/tmp/self-training.lock")
 # the stages' progress lines (epochs, images labeled) go to the Prefect run's logs
-logging.getLogger("tasks").setLevel(logging.INFO)
+for _name in ("tasks", "noisy_student"):
+    logging.getLogger(_name).setLevel(logging.INFO)
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:
@@ -53,9 +57,11 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
 
 
 @task(cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_bad_input)
-def run_step(project: DvcProject, step: Step, settings: Settings, parent) -> str:
+def run_step(
+    project: DvcProject, step: Step, settings: Settings, layout: Layout, parent
+) -> str:
     """One dvc.yaml stage: skipped if up to date, else restored from the run-cache, else run."""
-    outcome = project.run(step.stage, lambda: step.call(settings, parent))
+    outcome = project.run(step.stage, lambda: step.call(settings, layout, parent))
     get_run_logger().info("%s: %s", step.stage, outcome.value)
     return outcome.value
 
@@ -103,15 +109,13 @@ def self_training(
         # in the project folder, where its relative paths (a weights file) point
         with contextlib.chdir(root):
             settings = load_settings(PARAMS_FILE, overrides)  # bad values fail before any work
-        steps = plan(settings)
-        summary = run_steps(project, root, steps, settings, overrides, run_name, run_tags)
+        summary = run_steps(project, root, settings, overrides, run_name, run_tags)
     return summary
 
 
 def run_steps(
     project: DvcProject,
     root: Path,
-    steps: list[Step],
     settings: Settings,
     overrides: dict[str, Any],
     run_name: str,
@@ -121,7 +125,8 @@ def run_steps(
         contextlib.chdir(root),  # the stage functions use the project's relative paths
         params_for_run(root / PARAMS_FILE, overrides),
     ):
-        check_against_dag(steps, *project.dag())  # as DVC reads dvc.yaml with these params
+        steps = plan(settings, *project.dag())  # as DVC reads dvc.yaml with these params
+        layout = Layout.at()
         tracking.fail_orphaned_runs(settings.mlflow)  # left RUNNING by a killed flow run
         parent = tracking.start_parent_run(
             settings.mlflow,
@@ -139,10 +144,10 @@ def run_steps(
                     task_run_name=step.label,
                     retries=settings.flow.retries,
                     retry_delay_seconds=settings.flow.retry_delay_seconds,
-                )(project, step, settings, parent)
+                )(project, step, settings, layout, parent)
                 update_progress_artifact(progress, 100.0 * done / len(steps))
-            follow_up_skipped_steps(settings, outcomes, parent)
-            rows = round_table(settings)
+            follow_up_skipped_steps(settings, layout, outcomes, parent)
+            rows = round_table(settings, layout)
             metrics = parent_metrics(rows)
             finished = True
         finally:
@@ -154,12 +159,12 @@ def run_steps(
             description="Test accuracy and pseudo-labels per round",
         )
         create_markdown_artifact(
-            runs_markdown(settings, parent, steps, outcomes, overrides, experiment),
+            runs_markdown(settings, layout, parent, steps, outcomes, overrides, experiment),
             key="self-training-runs",
             description="MLflow runs, stage outcomes, DVC experiment, effective params",
         )
         create_markdown_artifact(
-            report.prefect_markdown(),
+            render.prefect_markdown(layout),
             key="self-training-report",
             description="The report (reports/report.html): rounds, champion, every picture",
         )
@@ -167,29 +172,29 @@ def run_steps(
 
 
 def follow_up_skipped_steps(
-    settings: Settings, outcomes: dict[str, str], parent: tracking.ParentRun
+    settings: Settings, layout: Layout, outcomes: dict[str, str], parent: tracking.ParentRun
 ) -> None:
     """What a stage does outside DVC's outputs, done for this run where DVC skipped or restored
     it: the registry's champion is the workspace's, and the parent run holds the report."""
-    if outcomes.get("evaluate") != Outcome.RAN.value:
-        registry.point_champion(settings.mlflow, json.loads(REGISTRY_FILE.read_text()))
+    if outcomes.get("register") != Outcome.RAN.value:
+        registry.point_champion(settings.mlflow, json.loads(layout.registry.read_text()))
     if outcomes.get("report") != Outcome.RAN.value:
-        report.attach_to_run(settings, parent.run_id)
+        publish.attach_to_run(settings, parent.run_id, layout)
 
 
-def round_table(settings: Settings) -> list[dict[str, Any]]:
+def round_table(settings: Settings, layout: Layout) -> list[dict[str, Any]]:
     """Per model: test accuracy (metrics.json) and the pseudo-labels it was trained on."""
-    accuracy = json.loads(METRICS_FILE.read_text())
+    accuracy = json.loads(layout.metrics.read_text())
     rows = []
     for round_, name in enumerate(settings.model_names()):
         row: dict[str, Any] = {
             "round": round_,
             "model": name,
-            "architecture": load_card(MODELS_DIR / name).model,
+            "architecture": load_card(layout.model(name)).model,
             "test_accuracy": round(accuracy[name]["test_accuracy"], 4),
             "pseudo_labels_kept": None,
         }
-        summary_file = PSEUDO_DIR / f"{name}.json"
+        summary_file = layout.pseudo_summary(name)
         if round_ > 0 and summary_file.exists():
             summary = json.loads(summary_file.read_text())
             row["pseudo_labels_kept"] = summary["kept"]
@@ -213,6 +218,7 @@ def parent_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def runs_markdown(
     settings: Settings,
+    layout: Layout,
     parent: tracking.ParentRun,
     steps: list[Step],
     outcomes: dict[str, str],
@@ -232,7 +238,7 @@ def runs_markdown(
     for step in steps:
         link = ""
         if step.model is not None:
-            run_id = load_card(MODELS_DIR / step.model).mlflow_run_id
+            run_id = load_card(layout.model(step.model)).mlflow_run_id
             if run_id:
                 link = f"[{step.model}]({tracking.run_url(cfg, run_id)})"
                 if outcomes[step.stage] != Outcome.RAN.value:

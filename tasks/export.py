@@ -1,158 +1,32 @@
 """Stage `export`: the final student as an ONNX model, checked against PyTorch before it is kept.
 
-    python -m tasks.export            # models/<last student> -> exports/final.onnx
-
-The ONNX graph takes what the PyTorch model takes: float32 pixels 0..255, N x 3 x H x W (any N;
-H = W = the model card's image_size), input ``pixels``, and returns ``logits`` (N x classes); the
-class names and image size ride along in the model's metadata (``classes``, a JSON list;
-``image_size``; ``model``). Run it with ONNX Runtime:
-
-    sess = onnxruntime.InferenceSession("exports/final.onnx")
-    logits = sess.run(None, {"pixels": images.astype("float32")})[0]
-
-Exported with ``torch.onnx.export(dynamo=True)``: torch.export's graph (the same capture as the
-MLflow model, tasks/tracking.log_model), translated by onnxscript; the TorchScript exporter is
-deprecated in torch 2.x. Before the file replaces the previous one, ONNX Runtime runs it on
-validation images, one and several at a time, and its logits must match PyTorch's.
+    python -m tasks.export                     # models/<last student> -> exports/final.onnx
+    python -m tasks.export --model student_1   # -> exports/student_1.onnx
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import logging
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from tasks import cli
-from tasks.atomic import atomic_path
-from tasks.data import PREPARED_DIR, load_split
-from tasks.errors import PipelineError
-from tasks.models import MODELS_DIR, Classifier, load_checkpoint
-from tasks.settings import Settings
-
-log = logging.getLogger(__name__)
-EXPORT_FILE = Path("exports/final.onnx")
-INPUT, OUTPUT = "pixels", "logits"
-OPSET = 18
-# ONNX Runtime and PyTorch add up in different orders: logits may differ by float32 rounding
-ATOL, RTOL = 1e-4, 1e-4
-CHECK_IMAGES = 8
+from noisy_student.core import cli
+from noisy_student.core.layout import Layout
+from noisy_student.core.settings import Settings
+from noisy_student.models.onnx_export import export
 
 
-def export_onnx(classifier: Classifier, image_size: int, path: Path) -> None:
-    """Write ``classifier`` (on the CPU, in eval mode) to ``path`` with a dynamic batch size."""
-    example = torch.rand(2, 3, image_size, image_size) * 255  # two: the batch stays symbolic
-    batch = torch.export.Dim("batch")
-    # the exporter reports its steps with print() and its graph passes log each rewrite at INFO:
-    # keep both out of the stage's log (warnings and errors still show)
-    for name in ("onnxscript", "onnx_ir"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    with contextlib.redirect_stdout(io.StringIO()):
-        torch.onnx.export(
-            classifier,
-            (example,),
-            str(path),
-            dynamo=True,
-            input_names=[INPUT],
-            output_names=[OUTPUT],
-            dynamic_shapes=({0: batch},),
-            opset_version=OPSET,
-            external_data=False,  # one file, weights inside
-        )
-
-
-def add_metadata(path: Path, metadata: dict[str, str]) -> None:
-    import onnx
-
-    model = onnx.load(str(path))
-    for key, value in metadata.items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.save(model, str(path))
-
-
-def onnx_logits(path: Path, pixels: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run([OUTPUT], {INPUT: pixels.astype(np.float32)})[0]
-
-
-def check_against_torch(classifier: Classifier, path: Path, images: np.ndarray) -> float:
-    """ONNX Runtime's logits against PyTorch's on ``images`` (uint8 N x H x W x 3), batch by
-    batch and one image at a time; raises if they differ beyond the tolerance. Returns the
-    largest absolute difference."""
-    pixels = images.transpose(0, 3, 1, 2).astype(np.float32)
-    with torch.inference_mode():
-        expected = classifier(torch.from_numpy(pixels)).numpy()
-    worst = 0.0
-    for batch in (pixels, pixels[:1]):
-        got = onnx_logits(path, batch)
-        want = expected[: len(batch)]
-        if got.shape != want.shape or not np.allclose(got, want, atol=ATOL, rtol=RTOL):
-            diff = np.abs(got - want).max() if got.shape == want.shape else float("nan")
-            raise PipelineError(
-                f"{path}: ONNX Runtime's logits differ from PyTorch's "
-                f"(shape {got.shape} vs {want.shape}, largest difference {diff:.3g})"
-            )
-        worst = max(worst, float(np.abs(got - want).max()))
-    return worst
-
-
-def export(
-    settings: Settings,
-    *,
-    model: str | None = None,
-    models_dir: Path = MODELS_DIR,
-    data_dir: Path = PREPARED_DIR,
-    out: Path = EXPORT_FILE,
+def run(
+    settings: Settings, layout: Layout, model: str | None = None, out: Path | None = None
 ) -> Path:
-    """Export ``model`` (default: the last round's student) to ``out``."""
-    name = model or settings.model_names()[-1]
-    classifier, card = load_checkpoint(models_dir / name, "cpu")
-    val = load_split("val", data_dir)
-    if len(val) == 0:
-        raise PipelineError(f"{data_dir}/val: no validation images to check the export on")
-    if val.images.shape[1] != card.image_size:
-        raise PipelineError(
-            f"{data_dir}/val: images are {val.images.shape[1]} px, {name} takes "
-            f"{card.image_size} px; run the pipeline again (dvc repro)"
-        )
-    with atomic_path(out) as tmp:
-        export_onnx(classifier, card.image_size, tmp)
-        add_metadata(
-            tmp,
-            {"classes": json.dumps(card.classes), "image_size": str(card.image_size),
-             "model": name, "architecture": card.model},
-        )  # fmt: skip
-        worst = check_against_torch(classifier, tmp, np.asarray(val.images[:CHECK_IMAGES]))
-    log.info(
-        "exported %s (%s) to %s: ONNX Runtime matches PyTorch on %d validation images "
-        "(largest logit difference %.2g)",
-        name,
-        card.model,
-        out,
-        min(CHECK_IMAGES, len(val)),
-        worst,
-    )
-    return out
+    return export(settings, layout, model=model, out=out)
 
 
 def main() -> None:
-    p = cli.parser(__doc__.splitlines()[0])
+    p = cli.parser(__doc__)
     p.add_argument("--model", default=None, help="teacher, student_1, ... (default: the last)")
-    p.add_argument(
-        "--out", default=None, help=f"default: {EXPORT_FILE}, or exports/<model>.onnx with --model"
-    )
-
-    def run(args, settings: Settings) -> None:
-        default = EXPORT_FILE if args.model is None else EXPORT_FILE.with_name(f"{args.model}.onnx")
-        export(settings, model=args.model, out=Path(args.out) if args.out else default)
-
-    cli.run(run, p.parse_args())
+    p.add_argument("--out", default=None, help="default: exports/final.onnx, or exports/<model>.onnx")
+    args = p.parse_args()
+    out = Path(args.out) if args.out else None
+    cli.run(lambda args, settings: run(settings, Layout.at(), args.model, out), args)
 
 
 if __name__ == "__main__":

@@ -119,12 +119,12 @@ def trained_project(tmp_path_factory) -> Path:
     """A project folder after prepare, augment, teacher, pseudo-labels, student_1 and evaluate
     (tiny models, a real sqlite MLflow store, registry included): what the report, export,
     predict and registry tests read. Tests must not change it (write elsewhere, or put back)."""
-    from tasks.augment import augment
-    from tasks.evaluate import evaluate
-    from tasks.prepare import prepare
-    from tasks.pseudo_label import pseudo_label
-    from tasks.settings import load_settings
-    from tasks.train import train
+    from noisy_student.augment.policy import augment
+    from noisy_student.core.settings import load_settings
+    from noisy_student.data.prepare import prepare
+    from noisy_student.evaluation.evaluate import evaluate
+    from noisy_student.pseudo_labels.labeling import pseudo_label
+    from noisy_student.training.train import train
 
     root = tmp_path_factory.mktemp("trained")
     params = shrink(load_params())

@@ -5,10 +5,16 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from tasks.augment import TrainTransform, augment, build_policy, load_policy, randaugment
-from tasks.data import ImageDataset, make_loader
-from tasks.prepare import prepare
-from tasks.settings import Settings
+from noisy_student.augment.policy import (
+    TrainTransform,
+    augment,
+    build_policy,
+    load_policy,
+    randaugment,
+)
+from noisy_student.core.settings import Settings
+from noisy_student.data.prepare import prepare
+from noisy_student.data.splits import ImageDataset, make_loader
 
 
 def test_saved_policy_replays_the_same_augmentations(tmp_path, tiny_params):

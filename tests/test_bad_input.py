@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from test_prepare import folder_params, write_image_folders
 
-from tasks.data import load_split
+from noisy_student.data.splits import load_split
 
 
 def invoke(module: str, args: list[str], cwd: Path, capsys, monkeypatch) -> tuple[int, list[str]]:
@@ -64,7 +64,7 @@ def folders(tmp_path):
 
 
 def prepare_fails(tmp_path, capsys, monkeypatch, *expected: str) -> None:
-    code, lines = invoke("tasks.prepare", ["--out", "out/prepared"], tmp_path, capsys, monkeypatch)
+    code, lines = invoke("noisy_student.data.prepare", ["--out", "out/prepared"], tmp_path, capsys, monkeypatch)
     assert_one_line_error(code, lines, *expected)
     assert_nothing_written(tmp_path / "out" / "prepared")
 
@@ -139,7 +139,7 @@ def test_read_only_output_folder(folders, capsys, monkeypatch):
     tmp_path, _, _ = folders
     with read_only(tmp_path / "out"):
         code, lines = invoke(
-            "tasks.prepare", ["--out", "out/prepared"], tmp_path, capsys, monkeypatch
+            "noisy_student.data.prepare", ["--out", "out/prepared"], tmp_path, capsys, monkeypatch
         )
     assert_one_line_error(code, lines, "out: cannot write prepared there", "make the folder writ")
     assert_nothing_written(tmp_path / "out" / "prepared")
@@ -182,7 +182,7 @@ def project(tmp_path_factory):
     params["mlflow"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
     write_params(root / "params.yaml", params)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    for stage in (["tasks.prepare"], ["tasks.augment"], ["tasks.train", "--name", "teacher"]):
+    for stage in (["noisy_student.data.prepare"], ["noisy_student.augment.policy"], ["noisy_student.training.train", "--name", "teacher"]):
         subprocess.run([sys.executable, "-m", *stage], cwd=root, env=env, check=True)
     return root
 
@@ -204,7 +204,7 @@ def test_weights_file_that_does_not_fit_the_model(project, tmp_path, capsys, mon
     save_file({k: v.contiguous() for k, v in state.items()}, weights)
     copy = with_params(project, tmp_path, lambda p: p["teacher"].update(pretrained=str(weights)))
     shutil.rmtree(copy / "models")
-    code, lines = invoke("tasks.train", ["--name", "teacher"], copy, capsys, monkeypatch)
+    code, lines = invoke("noisy_student.training.train", ["--name", "teacher"], copy, capsys, monkeypatch)
     assert_one_line_error(code, lines, "resnet18.safetensors: do not fit 'test_resnet'")
     assert_nothing_written(copy / "models" / "teacher")
 
@@ -218,7 +218,7 @@ def test_pickle_bearing_weights_are_refused(project, tmp_path, capsys, monkeypat
     weights.write_bytes(pickle.dumps({"conv1.weight": Payload()}, protocol=2))
     copy = with_params(project, tmp_path, lambda p: p["teacher"].update(pretrained=str(weights)))
     shutil.rmtree(copy / "models")
-    code, lines = invoke("tasks.train", ["--name", "teacher"], copy, capsys, monkeypatch)
+    code, lines = invoke("noisy_student.training.train", ["--name", "teacher"], copy, capsys, monkeypatch)
     assert_one_line_error(code, lines, "weights.pth: cannot be loaded as weights")
     assert not (copy / "pwned.txt").exists()  # the pickle never ran
     assert_nothing_written(copy / "models" / "teacher")
@@ -226,26 +226,26 @@ def test_pickle_bearing_weights_are_refused(project, tmp_path, capsys, monkeypat
 
 def test_training_before_prepare(tmp_path, capsys, monkeypatch):
     write_params(tmp_path / "params.yaml", shrink(load_params()))
-    code, lines = invoke("tasks.train", ["--name", "teacher"], tmp_path, capsys, monkeypatch)
+    code, lines = invoke("noisy_student.training.train", ["--name", "teacher"], tmp_path, capsys, monkeypatch)
     assert_one_line_error(code, lines, "classes.json: not found; run the prepare stage first")
 
 
 def test_threshold_that_keeps_no_pseudo_label(project, tmp_path, capsys, monkeypatch):
     copy = with_params(project, tmp_path, lambda p: p["pseudo_label"].update(threshold=1.0))
-    code, lines = invoke("tasks.pseudo_label", ["student_1"], copy, capsys, monkeypatch)
+    code, lines = invoke("noisy_student.pseudo_labels.labeling", ["student_1"], copy, capsys, monkeypatch)
     assert_one_line_error(code, lines, "pseudo_label.threshold=1.0 keeps none of 1049")
     assert_nothing_written(copy / "pseudo_labels" / "student_1.csv")
 
 
 def test_pseudo_labels_of_another_pool(project, tmp_path, capsys, monkeypatch):
     copy = with_params(project, tmp_path, lambda p: p["pseudo_label"].update(threshold=0.0))
-    code, _ = invoke("tasks.pseudo_label", ["student_1"], copy, capsys, monkeypatch)
+    code, _ = invoke("noisy_student.pseudo_labels.labeling", ["student_1"], copy, capsys, monkeypatch)
     assert code == 0
     table = copy / "pseudo_labels" / "student_1.csv"
     lines = table.read_text().splitlines()
     table.write_text("\n".join([lines[0], *lines[2:], lines[1]]) + "\n")  # rows out of order
     args = ["--name", "student_1"]
-    code, lines = invoke("tasks.train", args, copy, capsys, monkeypatch)
+    code, lines = invoke("noisy_student.training.train", args, copy, capsys, monkeypatch)
     assert_one_line_error(code, lines, "student_1.csv: rows do not match the prepared unlabeled")
     assert_nothing_written(copy / "models" / "student_1")
 
@@ -257,7 +257,7 @@ def test_non_image_files_are_skipped_and_counted(folders, capsys, monkeypatch, c
     tmp_path, root, _ = folders
     (root / "labeled" / "class_0" / "Thumbs.db").write_bytes(b"\x00\x01")
     with caplog.at_level(logging.WARNING):
-        code, _ = invoke("tasks.prepare", ["--out", "prepared"], tmp_path, capsys, monkeypatch)
+        code, _ = invoke("noisy_student.data.prepare", ["--out", "prepared"], tmp_path, capsys, monkeypatch)
     assert code == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("class_0: skipped 1 non-image file(s), e.g." in w for w in warnings), warnings
@@ -272,7 +272,7 @@ def test_sizes_modes_and_bit_depths_are_converted(folders, capsys, monkeypatch):
     Image.fromarray(np.full((12, 12, 4), 60, np.uint8)).save(pool / "rgba.png")
     Image.fromarray(np.full((16, 16), 65535 // 2, np.uint16)).save(pool / "gray16.png")
     Image.fromarray(np.zeros((3, 300, 3), np.uint8)).convert("P").save(pool / "palette.gif")
-    code, _ = invoke("tasks.prepare", ["--out", "prepared"], tmp_path, capsys, monkeypatch)
+    code, _ = invoke("noisy_student.data.prepare", ["--out", "prepared"], tmp_path, capsys, monkeypatch)
     assert code == 0
     split = load_split("unlabeled", tmp_path / "prepared")
     pixel = {i: split.images[split.ids.index(i)] for i in split.ids}
@@ -291,7 +291,7 @@ def test_duplicate_names_in_different_folders_stay_apart(folders, capsys, monkey
         Image.fromarray(np.full((8, 8), value, np.uint8)).save(root / "pool" / sub / "same.png")
     for cls in ("class_0", "class_1"):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "labeled" / cls / "same.png")
-    code, _ = invoke("tasks.prepare", ["--out", "prepared"], tmp_path, capsys, monkeypatch)
+    code, _ = invoke("noisy_student.data.prepare", ["--out", "prepared"], tmp_path, capsys, monkeypatch)
     assert code == 0
     pool = load_split("unlabeled", tmp_path / "prepared")
     assert {"a/same.png", "b/same.png"} <= set(pool.ids)
@@ -305,6 +305,6 @@ def test_paths_with_spaces_and_non_ascii(tmp_path, capsys, monkeypatch):
     root = write_image_folders(tmp_path / "mes images été" / "jeu de données", 4, pool=6)
     params = folder_params(shrink(load_params()), root)
     write_params(tmp_path / "params.yaml", params)
-    code, _ = invoke("tasks.prepare", ["--out", "prepared"], tmp_path, capsys, monkeypatch)
+    code, _ = invoke("noisy_student.data.prepare", ["--out", "prepared"], tmp_path, capsys, monkeypatch)
     assert code == 0
     assert len(load_split("labeled", tmp_path / "prepared")) == 12

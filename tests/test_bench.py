@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, load_params, shrink, write_params
 
 from bench import accuracy, compare, scale, speed
-from tasks.data import UNKNOWN, Split
+from noisy_student.data.splits import UNKNOWN, Split
 
 
 def tiny_params(tmp_path, **teacher):
@@ -136,7 +136,7 @@ def test_scale_benchmark_measures_a_fresh_process_per_pool(tmp_path):
     assert large["pool_file_mb"] == pytest.approx(2 * small["pool_file_mb"], rel=0.01)
     assert small["rss_anon_growth_mb"] > 0 and large["seconds"] > 0
     # off a terminal the stage logs at most a line per 5 s, and a step quicker than that stays
-    # silent (tasks/progress.py): pools this small may log nothing; what is logged is progress
+    # silent (noisy_student/core/progress.py): pools this small may log nothing; what is logged is progress
     lines = large["progress_lines"]
     assert all(scale.PROGRESS.search(line) for line in lines)
     assert not lines or lines[-1].startswith("pseudo-label (teacher): 600/600 images (100%)")

@@ -10,9 +10,9 @@ import pytest
 import timm
 import torch
 
-from tasks.distill import FrozenTeacher, kd_term, soft_cross_entropy, student_loss
-from tasks.mixing import one_hot
-from tasks.models import Classifier
+from noisy_student.losses.distill import FrozenTeacher, kd_term, soft_cross_entropy, student_loss
+from noisy_student.losses.mixing import one_hot
+from noisy_student.models.classifier import Classifier
 
 
 def softmax(values: list[float], t: float = 1.0) -> list[float]:
@@ -113,10 +113,10 @@ def test_clean_and_online_teachers_agree_when_nothing_is_noised():
     outputs computed once ahead must train the student exactly like the teacher run per batch."""
     from conftest import load_params
 
-    from tasks.data import UNKNOWN, Split, TrainingImages
-    from tasks.distill import Distillation, precompute
-    from tasks.settings import ModelTraining, RuntimeSettings
-    from tasks.trainer import fit
+    from noisy_student.core.settings import ModelTraining, RuntimeSettings
+    from noisy_student.data.splits import UNKNOWN, Split, TrainingImages
+    from noisy_student.losses.distill import Distillation, precompute
+    from noisy_student.training.loop import fit
 
     cpu = RuntimeSettings.model_validate(
         {**load_params()["runtime"], "device": "cpu", "num_workers": 0}

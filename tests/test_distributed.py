@@ -16,8 +16,8 @@ from conftest import load_params, make_project, run, shrink, training_runs, venv
 from safetensors.torch import load_file
 from test_resume import checkpointed_epoch
 
-from tasks.distributed import torchrun_command
-from tasks.settings import RuntimeSettings
+from noisy_student.core.settings import RuntimeSettings
+from noisy_student.training.distributed import torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -121,12 +121,12 @@ def test_the_whole_loop_runs_distributed_and_resumes_after_a_kill(tmp_path):
 
 def test_torchrun_command_for_one_and_several_machines():
     base = {**load_params()["runtime"], "devices": 4}
-    one = torchrun_command(RuntimeSettings.model_validate(base), "tasks.train", ["--name", "x"])
+    one = torchrun_command(RuntimeSettings.model_validate(base), "noisy_student.training.train", ["--name", "x"])
     assert one[1:] == [
         "-m", "torch.distributed.run", "--nproc_per_node", "4", "--nnodes", "1", "--standalone",
-        "-m", "tasks.train", "--name", "x",
+        "-m", "noisy_student.training.train", "--name", "x",
     ]  # fmt: skip
     several = RuntimeSettings.model_validate({**base, "nodes": 2, "rdzv_endpoint": "node0:29400"})
-    command = torchrun_command(several, "tasks.train", [])
+    command = torchrun_command(several, "noisy_student.training.train", [])
     assert "--standalone" not in command
     assert command[command.index("--rdzv_endpoint") + 1] == "node0:29400"

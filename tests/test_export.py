@@ -11,11 +11,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tasks.data import load_split
-from tasks.errors import PipelineError
-from tasks.export import ATOL, INPUT, OUTPUT, RTOL, check_against_torch, export
-from tasks.models import load_checkpoint
-from tasks.settings import load_settings
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.settings import load_settings
+from noisy_student.data.splits import load_split
+from noisy_student.models.classifier import load_checkpoint
+from noisy_student.models.onnx_export import ATOL, INPUT, OUTPUT, RTOL, check_against_torch, export
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,12 @@ from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
-import tasks.train
+import noisy_student.training.train
 from flows.dvc_project import DvcProject, params_for_run
 from flows.self_training import self_training
 from flows.stages import check_against_dag, plan
-from tasks.errors import PipelineError
-from tasks.settings import load_settings
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.settings import load_settings
 
 STAGES = [
     "prepare",
@@ -288,7 +288,7 @@ def test_bad_overrides_fail_before_any_work(flow_demo, overrides, message):
 @pytest.fixture
 def failing_round(monkeypatch):
     """Make training of student_2 raise the queued errors, one per call, then train for real."""
-    real = tasks.train.train
+    real = noisy_student.training.train.train
     errors: list[Exception] = []
     calls: list[str] = []
 
@@ -298,7 +298,7 @@ def failing_round(monkeypatch):
             raise errors.pop(0)
         return real(settings, name, **kwargs)
 
-    monkeypatch.setattr(tasks.train, "train", train)
+    monkeypatch.setattr(noisy_student.training.train, "train", train)
     return errors, calls
 
 
@@ -424,7 +424,7 @@ def test_sharded_pseudo_labels_on_dask_equal_the_single_process_ones(prefect_ser
     ]
     params["pseudo_label"]["shards"] = 1
     write_params(tmp_path / "one_process.yaml", params)
-    one = ["python", "-m", "tasks.pseudo_label", "student_1", "--params"]
+    one = ["python", "-m", "noisy_student.pseudo_labels.labeling", "student_1", "--params"]
     run([*one, str(tmp_path / "one_process.yaml")], project)
     for name, expected in sharded.items():
         assert (project / "pseudo_labels" / name).read_bytes() == expected, name

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import load_params
 
-from tasks.mixing import BatchMixer, one_hot, sharpen
-from tasks.settings import ModelTraining
+from noisy_student.core.settings import ModelTraining
+from noisy_student.losses.mixing import BatchMixer, one_hot, sharpen
 
 
 def spec(**mix) -> ModelTraining:

@@ -189,7 +189,7 @@ def test_changing_the_threshold_reruns_only_downstream_stages(demo, tmp_path):
 def test_a_recipe_runs_as_a_dvc_experiment(demo, tmp_path):
     project = tmp_path / "copy"
     shutil.copytree(demo[0], project)
-    output = run([sys.executable, "-m", "tasks.recipes", "configs/class_balance.yaml"], project)
+    output = run([sys.executable, "-m", "noisy_student.recipes", "configs/class_balance.yaml"], project)
     assert "dvc exp run -n class_balance -S pseudo_label.balance=true" in output.stdout
     assert ran(output.stdout) == ALL_STAGES[3:]
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)

@@ -1,4 +1,4 @@
-"""`python -m tasks.predict`: a real folder of PNG/JPEG images classified by a trained model."""
+"""`python -m noisy_student.predict`: a real folder of PNG/JPEG images classified by a trained model."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import torch
 from conftest import ROOT, venv_env
 from test_prepare import write_image_folders
 
-from tasks.errors import PipelineError
-from tasks.models import load_checkpoint
-from tasks.predict import predict
-from tasks.prepare import list_images, read_image
-from tasks.settings import load_settings
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.settings import load_settings
+from noisy_student.data.prepare import list_images, read_image
+from noisy_student.models.classifier import load_checkpoint
+from noisy_student.predict import predict
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +81,12 @@ def test_bad_input_is_one_line_and_leaves_no_file(trained_project, folder, tmp_p
 def test_command_line(trained_project, folder, tmp_path):
     env = {**venv_env(), "PYTHONPATH": str(ROOT)}  # the project folder holds no code
     out = tmp_path / "p.csv"
-    command = [sys.executable, "-m", "tasks.predict", str(folder), "--out", str(out)]
+    command = [sys.executable, "-m", "noisy_student.predict", str(folder), "--out", str(out)]
     result = subprocess.run(command, cwd=trained_project, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "student_1 classified" in result.stderr and len(pd.read_csv(out)) > 0
     result = subprocess.run(
-        [sys.executable, "-m", "tasks.predict", str(tmp_path / "nope")],
+        [sys.executable, "-m", "noisy_student.predict", str(tmp_path / "nope")],
         cwd=trained_project,
         env=env,
         capture_output=True,

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from tasks.data import UNKNOWN, load_classes, load_split
-from tasks.errors import PipelineError
-from tasks.prepare import prepare, resize_rgb, split_digits
-from tasks.settings import Settings
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.settings import Settings
+from noisy_student.data.prepare import prepare, resize_rgb, split_digits
+from noisy_student.data.splits import UNKNOWN, load_classes, load_split
 
 
 def settings_from(params) -> Settings:

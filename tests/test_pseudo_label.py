@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.data import UNKNOWN, Split
-from tasks.errors import PipelineError
-from tasks.pseudo_label import (
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.settings import PseudoLabelSettings
+from noisy_student.data.splits import UNKNOWN, Split
+from noisy_student.pseudo_labels.labeling import (
     append_csv,
     balance_copies,
     label_rows,
@@ -18,7 +19,6 @@ from tasks.pseudo_label import (
     summarize,
     write_with_copies,
 )
-from tasks.settings import PseudoLabelSettings
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -157,7 +157,7 @@ def test_a_table_of_another_pool_is_refused(tmp_path):
 
 
 def test_shards_are_whole_batches_covering_the_pool_once():
-    from tasks.pseudo_label import shard_bounds
+    from noisy_student.pseudo_labels.labeling import shard_bounds
 
     assert shard_bounds(10, 4, 1) == [(0, 10)]
     assert shard_bounds(10, 4, 2) == [(0, 8), (8, 10)]  # 3 batches: 2 + 1

@@ -12,12 +12,12 @@ import yaml
 from conftest import ROOT, venv_env
 from safetensors.torch import save_file
 
-from tasks.augment import augment
-from tasks.errors import PipelineError
-from tasks.prepare import prepare
-from tasks.recipes import dvc_command, load_recipe
-from tasks.settings import Settings, apply_overrides
-from tasks.train import train
+from noisy_student.augment.policy import augment
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.settings import Settings, apply_overrides
+from noisy_student.data.prepare import prepare
+from noisy_student.recipes import dvc_command, load_recipe
+from noisy_student.training.train import train
 
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -63,7 +63,7 @@ def test_a_bad_recipe_names_the_file_and_key(tmp_path):
     with pytest.raises(PipelineError, match=r"typo.yaml on .*params.yaml: distill.alpha:"):
         load_recipe(bad, ROOT / "params.yaml")
     result = subprocess.run(
-        [sys.executable, "-m", "tasks.recipes", str(bad), "--print"],
+        [sys.executable, "-m", "noisy_student.recipes", str(bad), "--print"],
         cwd=ROOT,
         env=venv_env(),
         capture_output=True,
@@ -75,7 +75,7 @@ def test_a_bad_recipe_names_the_file_and_key(tmp_path):
 
 def test_json_output_is_the_flows_overrides():
     result = subprocess.run(
-        [sys.executable, "-m", "tasks.recipes", "configs/distillation.yaml", "--json"],
+        [sys.executable, "-m", "noisy_student.recipes", "configs/distillation.yaml", "--json"],
         cwd=ROOT,
         env=venv_env(),
         capture_output=True,

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.evaluate import evaluate
-from tasks.models import load_checkpoint
-from tasks.registry import CHAMPION, champion_of, point_champion, register
-from tasks.settings import load_settings
+from noisy_student.core.settings import load_settings
+from noisy_student.evaluation.evaluate import evaluate
+from noisy_student.models.classifier import load_checkpoint
+from noisy_student.tracking.registry import CHAMPION, champion_of, point_champion, register
 
 
 def test_the_champion_is_the_best_and_a_tie_goes_to_the_earlier_round():

@@ -15,17 +15,17 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks import figures
-from tasks.errors import PipelineError
-from tasks.report import (
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.settings import load_settings
+from noisy_student.report import figures
+from noisy_student.report.report import (
     histogram_rows,
     mcnemar,
     prefect_markdown,
     report,
     verdict,
 )
-from tasks.settings import load_settings
-from tasks.tracking import ParentRun, start_parent_run
+from noisy_student.tracking.runs import ParentRun, start_parent_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -38,7 +38,7 @@ def kill_training_after(project: Path, epoch: int) -> None:
     """Start the teacher's training and SIGKILL it once checkpoint ``epoch`` is written."""
     folder = project / "checkpoints/teacher"
     process = subprocess.Popen(
-        [sys.executable, "-m", "tasks.train", "--name", "teacher"],
+        [sys.executable, "-m", "noisy_student.training.train", "--name", "teacher"],
         cwd=project,
         env=venv_env(),
         stdout=subprocess.DEVNULL,

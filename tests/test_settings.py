@@ -8,8 +8,8 @@ import sys
 import pytest
 from conftest import ROOT, venv_env, write_params
 
-from tasks.errors import PipelineError
-from tasks.settings import Settings, apply_overrides, load_settings
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.settings import Settings, apply_overrides, load_settings
 
 
 def test_shipped_params_validate():
@@ -99,7 +99,7 @@ def test_cli_prints_one_line_and_exits_non_zero(tmp_path, params):
     bad = write_params(tmp_path / "bad.yaml", params)
     out = tmp_path / "prepared"
     result = subprocess.run(
-        [sys.executable, "-m", "tasks.prepare", "--params", str(bad), "--out", str(out)],
+        [sys.executable, "-m", "noisy_student.data.prepare", "--params", str(bad), "--out", str(out)],
         cwd=ROOT,
         env=venv_env(),
         capture_output=True,

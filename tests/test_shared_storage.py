@@ -16,8 +16,8 @@ import mlflow
 import pytest
 from conftest import load_params, make_project, run, shrink, training_runs, venv_env
 
-from tasks.settings import MlflowSettings
-from tasks.tracking import tracking_uri, ui_url
+from noisy_student.core.settings import MlflowSettings
+from noisy_student.tracking.runs import tracking_uri, ui_url
 
 
 def free_port() -> int:

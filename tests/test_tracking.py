@@ -6,8 +6,8 @@ import os
 
 import mlflow
 
-from tasks.settings import MlflowSettings
-from tasks.tracking import artifact_location, flatten, tracking_uri, use_tracking_uri
+from noisy_student.core.settings import MlflowSettings
+from noisy_student.tracking.runs import artifact_location, flatten, tracking_uri, use_tracking_uri
 
 
 def mlflow_settings(uri: str) -> MlflowSettings:

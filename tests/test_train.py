@@ -5,14 +5,14 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from tasks.augment import augment
-from tasks.errors import PipelineError
-from tasks.evaluate import evaluate
-from tasks.models import load_checkpoint
-from tasks.prepare import prepare
-from tasks.pseudo_label import pseudo_label
-from tasks.settings import Settings
-from tasks.train import check_round_flags, train
+from noisy_student.augment.policy import augment
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.settings import Settings
+from noisy_student.data.prepare import prepare
+from noisy_student.evaluation.evaluate import evaluate
+from noisy_student.models.classifier import load_checkpoint
+from noisy_student.pseudo_labels.labeling import pseudo_label
+from noisy_student.training.train import check_round_flags, train
 
 
 def test_round_flags_must_match_params(params):
@@ -108,7 +108,7 @@ def test_teacher_student_loop_tracks_every_run(tmp_path, tiny_params, monkeypatc
 
 
 def test_failed_training_ends_its_mlflow_run_failed(tmp_path, tiny_params, monkeypatch):
-    import tasks.train
+    import noisy_student.training.train
 
     def broken_fit(*args, **kwargs):
         raise RuntimeError("out of memory, say")
@@ -123,7 +123,7 @@ def test_failed_training_ends_its_mlflow_run_failed(tmp_path, tiny_params, monke
         "augment_dir": tmp_path / "augment",
         "models_dir": tmp_path / "models",
     }
-    monkeypatch.setattr(tasks.train, "fit", broken_fit)
+    monkeypatch.setattr(noisy_student.training.train, "fit", broken_fit)
     with pytest.raises(RuntimeError, match="out of memory"):
         train(settings, "teacher", **dirs)
     mlflow.set_tracking_uri(settings.mlflow.tracking_uri)

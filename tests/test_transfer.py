@@ -13,18 +13,18 @@ from conftest import load_params
 from safetensors.torch import save_file
 from timm.scheduler import CosineLRScheduler
 
-from tasks.data import UNKNOWN, Split, TrainingImages
-from tasks.errors import PipelineError
-from tasks.mixing import one_hot
-from tasks.models import create_model
-from tasks.settings import ModelTraining, RuntimeSettings
-from tasks.trainer import fit
-from tasks.transfer import (
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.settings import ModelTraining, RuntimeSettings
+from noisy_student.data.splits import UNKNOWN, Split, TrainingImages
+from noisy_student.losses.mixing import one_hot
+from noisy_student.models.classifier import create_model
+from noisy_student.models.transfer import (
     backbone_modules,
     create_optimizer,
     freeze_backbone,
     parameter_groups,
 )
+from noisy_student.training.loop import fit
 
 CPU = RuntimeSettings.model_validate(
     {**load_params()["runtime"], "device": "cpu", "num_workers": 0}

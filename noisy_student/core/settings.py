@@ -1,0 +1,313 @@
+"""Typed settings: params.yaml validated on load.
+
+Every field is required, so params.yaml is the one place a knob's value can come from: a key
+missing there is an error, not a silent default in code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from noisy_student.core.errors import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+
+
+def known_timm_model(name: str) -> str:
+    import timm  # imported here: timm pulls in torch, which only model users need
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name[:4]}*")[:5]
+        hint = f" (close names: {', '.join(close)})" if close else ""
+        raise ValueError(f"unknown timm model '{name}'{hint}")
+    return name
+
+
+TimmName = Annotated[str, AfterValidator(known_timm_model)]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors (they are usually typos), and values are not coerced across types."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataSettings(Strict):
+    source: Literal["digits", "folders"]
+    image_size: Annotated[int, Field(ge=8, le=1024)]
+    labels_per_class: PositiveInt
+    test_fraction: Fraction
+    val_fraction: Fraction
+    labeled_dir: str | None
+    unlabeled_dir: str | None
+    test_dir: str | None
+    val_dir: str | None
+
+    @model_validator(mode="after")
+    def _folders_need_dirs(self) -> DataSettings:
+        if self.source == "folders":
+            for key in ("labeled_dir", "unlabeled_dir", "test_dir"):
+                if not getattr(self, key):
+                    raise ValueError(f"data.source is 'folders', so data.{key} must name a folder")
+        if self.source == "digits" and self.test_fraction + self.val_fraction >= 0.9:
+            raise ValueError("data.test_fraction + data.val_fraction must leave images to train on")
+        return self
+
+
+class PolicySettings(Strict):
+    """One albumentations policy; each probability is per image."""
+
+    rotate_limit: Annotated[float, Field(ge=0.0, le=180.0)]
+    rotate_p: Probability
+    hflip_p: Probability
+    crop_scale_min: Fraction
+    crop_p: Probability
+    brightness: Annotated[float, Field(ge=0.0, lt=1.0)]
+    contrast: Annotated[float, Field(ge=0.0, lt=1.0)]
+    brightness_contrast_p: Probability
+    affine_shear: Annotated[float, Field(ge=0.0, le=45.0)]
+    affine_translate: Annotated[float, Field(ge=0.0, le=0.5)]
+    affine_p: Probability
+    erase_p: Probability
+
+
+class AugmentSettings(Strict):
+    teacher: PolicySettings
+    student: PolicySettings
+    preview_images: Annotated[int, Field(ge=1, le=64)]
+    preview_samples: Annotated[int, Field(ge=1, le=16)]
+
+
+class RuntimeSettings(Strict):
+    device: Literal["auto", "cpu", "cuda"]
+    num_workers: NonNegativeInt
+    amp: bool
+    channels_last: bool
+    checkpoint_epochs: PositiveInt
+    devices: PositiveInt  # training processes per machine (torchrun --nproc_per_node)
+    nodes: PositiveInt  # machines (torchrun --nnodes)
+    rdzv_endpoint: Annotated[str, Field(pattern=r"^[^:\s]+:\d+$")] | None  # node 0's host:port
+
+    @model_validator(mode="after")
+    def _nodes_meet(self) -> RuntimeSettings:
+        if self.nodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError("runtime.nodes > 1 needs runtime.rdzv_endpoint (host:port of node 0)")
+        return self
+
+
+class ModelTraining(Strict):
+    """One model's full recipe (the teacher's, or a round's student's): which timm network, how it
+    starts (transfer learning), its noise, and how it is optimised."""
+
+    model: TimmName
+    # false: random init; true: timm's pretrained weights (downloaded); a path: a local weights
+    # file (.safetensors, or a torch file of tensors only) read by timm's own loader
+    pretrained: bool | Annotated[str, Field(min_length=1)]
+    transfer: Literal["finetune", "linear_probe"]
+    backbone_lr_scale: Annotated[float, Field(gt=0.0, le=1.0)]
+    layer_decay: Annotated[float, Field(gt=0.0, le=1.0)]
+    drop_rate: Annotated[float, Field(ge=0.0, lt=1.0)]
+    drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)]
+    randaugment_n: Annotated[int, Field(ge=0, le=15)]
+    randaugment_m: Annotated[int, Field(ge=0, le=10)]
+    mixup_alpha: NonNegativeFloat
+    mixup_p: Probability
+    cutmix_alpha: NonNegativeFloat
+    cutmix_p: Probability
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)]
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    weight_decay: NonNegativeFloat
+    warmup_epochs: NonNegativeInt
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelTraining:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError("warmup_epochs must be smaller than epochs")
+        if isinstance(self.pretrained, str) and not Path(self.pretrained).is_file():
+            raise ValueError(f"pretrained: weights file '{self.pretrained}' not found")
+        for kind in ("mixup", "cutmix"):
+            if getattr(self, f"{kind}_p") > 0 and getattr(self, f"{kind}_alpha") <= 0:
+                raise ValueError(f"{kind}_p > 0 needs {kind}_alpha > 0 (the Beta distribution's)")
+        if self.mixup_p + self.cutmix_p > 1:
+            raise ValueError("mixup_p + cutmix_p must not exceed 1 (one mix per batch at most)")
+        return self
+
+
+class TeacherSettings(ModelTraining):
+    # more members of an ensemble teacher (timm names); member k trains with seed + 1000 * k
+    ensemble: list[TimmName]
+
+    @model_validator(mode="after")
+    def _one_file_one_architecture(self) -> TeacherSettings:
+        if isinstance(self.pretrained, str) and any(m != self.model for m in self.ensemble):
+            raise ValueError(
+                "ensemble: a pretrained weights file fits one architecture; "
+                f"every member must be '{self.model}'"
+            )
+        return self
+
+
+class StudentSettings(ModelTraining):
+    name: str
+    teacher: str
+
+
+class PseudoLabelSettings(Strict):
+    threshold: Probability
+    labels: Literal["hard", "soft"]
+    temperature: PositiveFloat  # soft labels: p ** (1 / T), renormalised; < 1 sharpens
+    balance: bool
+    per_class: PositiveInt | None  # balance target; None: the mean kept count per class
+    batch_size: PositiveInt
+    shards: PositiveInt  # pieces of the pool, labeled in parallel by the flow's Dask workers
+
+
+class DistillSettings(Strict):
+    """Knowledge distillation of every student from its (frozen) teacher."""
+
+    enabled: bool
+    temperature: PositiveFloat
+    alpha: Probability
+    # clean: the teacher's outputs on un-noised images (Noisy Student: the teacher is not noised);
+    # augmented: on the student's own augmented view, computed batch by batch (Beyer et al.)
+    teacher_input: Literal["clean", "augmented"]
+
+
+class MlflowSettings(Strict):
+    experiment: Annotated[str, Field(min_length=1)]
+    tracking_uri: Annotated[str, Field(min_length=1)]
+    ui_url: Annotated[str, Field(pattern=r"^https?://")]
+    # the MLflow model registry's name for every model of the loop (one version per training)
+    registered_model: Annotated[str, Field(min_length=1)]
+
+
+class ReportSettings(Strict):
+    # test accuracy of a model trained without the pool (e.g. measured by a benchmark), drawn as
+    # a reference line in the report; None: not known
+    supervised_accuracy: Probability | None
+
+
+class FlowSettings(Strict):
+    """Prefect orchestration only: no DVC stage reads these."""
+
+    retries: NonNegativeInt
+    retry_delay_seconds: NonNegativeFloat
+    dask_workers: PositiveInt  # local Dask cluster for sharded pseudo-labeling
+    dask_address: Annotated[str, Field(pattern=r"^(tcp|tls)://")] | None  # or a running one
+
+
+class Settings(Strict):
+    seed: NonNegativeInt
+    data: DataSettings
+    augment: AugmentSettings
+    runtime: RuntimeSettings
+    teacher: TeacherSettings
+    pseudo_label: PseudoLabelSettings
+    distill: DistillSettings
+    students: Annotated[list[StudentSettings], Field(min_length=1)]
+    report: ReportSettings
+    mlflow: MlflowSettings
+    flow: FlowSettings
+
+    @model_validator(mode="after")
+    def _rounds_chain(self) -> Settings:
+        # DVC's foreach cannot refer to the previous item, so each round names its teacher;
+        # here we insist the names form the chain teacher -> student_1 -> student_2 -> ...
+        previous = "teacher"
+        for index, student in enumerate(self.students, start=1):
+            expected = f"student_{index}"
+            if student.name != expected:
+                raise ValueError(f"students[{index - 1}].name must be '{expected}'")
+            if student.teacher != previous:
+                raise ValueError(f"students[{index - 1}].teacher must be '{previous}'")
+            previous = expected
+        return self
+
+    def student(self, name: str) -> StudentSettings:
+        for student in self.students:
+            if student.name == name:
+                return student
+        known = ", ".join(s.name for s in self.students)
+        raise PipelineError(f"no student round named '{name}' in params.yaml (known: {known})")
+
+    def model_names(self) -> list[str]:
+        """Every trained model in loop order: the teacher, then each round's student."""
+        return ["teacher", *(s.name for s in self.students)]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``pseudo_label.threshold``) in a copy of the raw params."""
+    import copy
+
+    result = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node: Any = result
+        parts = dotted.split(".")
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                key: Any = int(part)
+            elif isinstance(node, dict) and part in node:
+                key = part
+            else:
+                raise PipelineError(f"override '{dotted}': params.yaml has no key '{part}' there")
+            if last:
+                node[key] = value
+            else:
+                node = node[key]
+    return result
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (a typo?)"
+        elif item["type"] == "missing":
+            message = "missing key"
+        elif "input" in item and item["type"] not in ("value_error",):
+            message = f"{message}, got {item['input']!r}"
+        lines.append(f"{source}: {key}: {message}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    path: Path | str = PARAMS_FILE, overrides: dict[str, Any] | None = None
+) -> Settings:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: expected a mapping of sections at the top level")
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise PipelineError(format_validation_error(exc, str(path))) from None

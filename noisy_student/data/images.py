@@ -1,0 +1,65 @@
+"""Reading the user's image files: any format Pillow opens, as 8-bit RGB at a fixed size."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from noisy_student.core.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 H x W (x C) -> uint8 size x size x 3."""
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.shape[:2] != (size, size):
+        shrinking = image.shape[0] > size or image.shape[1] > size
+        image = cv2.resize(
+            image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        )
+    return np.ascontiguousarray(image, dtype=np.uint8)
+
+
+def to_rgb8(img: Image.Image) -> np.ndarray:
+    """Any Pillow image -> uint8 H x W x 3. 16-bit and 32-bit gray are scaled down by their
+    range (Pillow's own conversion would clip every value above 255 to white)."""
+    if img.mode.startswith("I") or img.mode == "F":
+        values = np.asarray(img).astype(np.float64)
+        if img.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0  # floats in 0..1
+        elif img.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0  # 0..65535 -> 0..255
+        return np.clip(values, 0, 255).round().astype(np.uint8)
+    return np.asarray(img.convert("RGB"))
+
+
+def read_image(path: Path, size: int) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                img.load()
+                rgb = to_rgb8(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise PipelineError(f"{path}: cannot read as an image ({exc})") from None
+    return resize_rgb(rgb, size)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files at any depth under ``folder``, sorted; other files are skipped with a warning."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        log.warning("%s: skipped %d non-image file(s), e.g. %s", folder, len(others), others[0])
+    return images

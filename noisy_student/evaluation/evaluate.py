@@ -1,0 +1,110 @@
+"""Test accuracy of the teacher and every student: the one reader of the test set.
+
+Writes ``metrics.json`` (``{"teacher": {"test_accuracy": ...}, "student_1": {...}, ...}``, for
+``dvc metrics show/diff``), ``reports/comparison.md``, each model's test predictions
+(``reports/test_predictions/<model>.csv``: ``id``, ``actual``, ``predicted``, ``confidence``; the
+report's confusion matrices); logs ``test_accuracy`` to each model's MLflow run. The register
+stage then registers the models (noisy_student/tracking/registry.py). The test set is read here
+only: no training stage ever sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pandas as pd
+import torch
+
+from noisy_student.core.atomic import atomic_path, write_text
+from noisy_student.core.layout import Layout
+from noisy_student.core.settings import Settings
+from noisy_student.data.splits import Split, load_split
+from noisy_student.models.classifier import Classifier, load_checkpoint, resolve_device
+from noisy_student.models.inference import (
+    EVAL_BATCH_SIZE,
+    accuracy,
+    eval_loader,
+    iter_probabilities,
+)
+from noisy_student.tracking import runs as tracking
+
+log = logging.getLogger(__name__)
+
+
+def predictions_table(probs: torch.Tensor, test: Split, classes: list[str]) -> pd.DataFrame:
+    """One row per test image: the true and the predicted class by name, and the confidence
+    (DVC's ``confusion`` template reads ``actual`` and ``predicted``)."""
+    confidence, pred = probs.max(dim=1)
+    return pd.DataFrame(
+        {
+            "id": test.ids,
+            "actual": [classes[i] for i in test.labels.tolist()],
+            "predicted": [classes[i] for i in pred.tolist()],
+            "confidence": confidence.numpy(),
+        }
+    )
+
+
+def comparison_table(settings: Settings, metrics: dict, layout: Layout) -> str:
+    teacher_acc = metrics["teacher"]["test_accuracy"]
+    lines = [
+        "| model | architecture | pseudo-labels kept | kept correct | test accuracy | vs teacher |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in settings.model_names():
+        m = metrics[name]
+        kept = correct = "-"
+        summary_path = layout.pseudo_summary(name)
+        if name != "teacher" and summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+            kept = f"{summary['kept']}/{summary['pool_images']}"
+            if summary.get("kept_accuracy") is not None:
+                correct = f"{100 * summary['kept_accuracy']:.1f}%"
+        delta = "" if name == "teacher" else f"{100 * (m['test_accuracy'] - teacher_acc):+.1f} pts"
+        lines.append(
+            f"| {name} | {m['model']} | {kept} | {correct} | "
+            f"{100 * m['test_accuracy']:.1f}% | {delta} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(
+    settings: Settings,
+    layout: Layout,
+) -> dict:
+    device = resolve_device(settings.runtime)
+    test = load_split("test", layout.prepared)
+    loader = eval_loader(test.images, EVAL_BATCH_SIZE, settings.runtime, device)
+    metrics: dict = {}
+    with atomic_path(layout.test_predictions) as staged_predictions:
+        staged_predictions.mkdir()
+        for name in settings.model_names():
+            classifier, card = load_checkpoint(layout.model(name), device)
+            batches = iter_probabilities(classifier, loader, device, settings.runtime)
+            probs = torch.cat(list(batches))
+            table = predictions_table(probs, test, card.classes)
+            table.to_csv(staged_predictions / f"{name}.csv", index=False, float_format="%.6g")
+            acc = float((probs.argmax(1).numpy() == test.labels).mean())
+            metrics[name] = {"test_accuracy": acc, "model": card.model}
+            tracking.log_test_accuracy(settings.mlflow, card.mlflow_run_id, acc)
+            if len(card.members) > 1:  # an ensemble: how each member does alone
+                for k, (net, member) in enumerate(zip(classifier.nets, card.members, strict=True)):
+                    alone = Classifier([net], [member.mean], [member.std])
+                    member_acc = accuracy(alone, loader, test.labels, device, settings.runtime)
+                    metrics[name][f"member_{k}_test_accuracy"] = member_acc
+                    tracking.log_test_accuracy(settings.mlflow, member.mlflow_run_id, member_acc)
+    table = comparison_table(settings, metrics, layout)
+    # metrics.json holds numbers only, so `dvc metrics diff` compares every entry
+    numbers = {
+        name: {k: v for k, v in m.items() if k.endswith("test_accuracy")}
+        for name, m in metrics.items()
+    }
+    write_text(layout.metrics, json.dumps(numbers, indent=2) + "\n")
+    write_text(layout.comparison, f"# Test accuracy per round ({len(test)} test images)\n\n{table}")
+    log.info("\n%s", table)
+    return metrics
+
+
+
+

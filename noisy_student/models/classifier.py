@@ -1,0 +1,185 @@
+"""timm models and their checkpoints (safetensors weights + a JSON card, never pickles).
+
+A trained model is a folder: ``card.json`` plus one weights file per member. Most models have one
+member; an ensemble teacher has several, whose averaged probabilities are its prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from noisy_student.core.atomic import atomic_path
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.settings import ModelTraining, RuntimeSettings
+
+
+@dataclass(frozen=True)
+class Member:
+    """One trained network of a model."""
+
+    model: str  # timm architecture
+    weights: str  # file name inside the model's folder
+    mean: list[float]
+    std: list[float]
+    mlflow_run_id: str | None
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What is needed to rebuild and feed a trained model, stored beside its weights."""
+
+    name: str  # teacher, student_1, ...
+    classes: list[str]
+    image_size: int
+    mlflow_run_id: str | None  # the model's run (an ensemble's members have runs of their own)
+    members: list[Member] = field(default_factory=list)
+
+    @property
+    def model(self) -> str:
+        """The architecture, or ``a+b`` for an ensemble."""
+        return "+".join(m.model for m in self.members)
+
+    @staticmethod
+    def from_json(text: str) -> ModelCard:
+        raw = json.loads(text)
+        raw["members"] = [Member(**m) for m in raw["members"]]
+        return ModelCard(**raw)
+
+
+def create_model(spec: ModelTraining, num_classes: int, architecture: str | None = None):
+    """A timm model for ``spec`` (``architecture`` overrides ``spec.model``: ensemble members).
+
+    Pretrained weights always go through timm's loader, which drops a classifier of another size:
+    from the hub (``pretrained: true``) or from a local file (``pretrained: <path>``)."""
+    name = architecture or spec.model
+    kwargs: dict = {"num_classes": num_classes, "drop_rate": spec.drop_rate}
+    if spec.drop_path_rate > 0:  # not every timm architecture accepts the argument
+        kwargs["drop_path_rate"] = spec.drop_path_rate
+    if isinstance(spec.pretrained, str):
+        kwargs["pretrained_cfg_overlay"] = {"file": str(Path(spec.pretrained).resolve())}
+    try:
+        return timm.create_model(name, pretrained=bool(spec.pretrained), **kwargs)
+    except TypeError as exc:
+        raise PipelineError(f"timm model '{name}' rejected its settings ({exc})") from None
+    except Exception as exc:  # no network, shapes that do not fit, a pickle in a .pth file
+        if spec.pretrained is False:
+            raise
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = " ".join(lines[:2])[:300] or type(exc).__name__
+        if spec.pretrained is True:
+            raise PipelineError(
+                f"pretrained: true: timm could not fetch the weights of '{name}' ({detail}); "
+                "without a network, set pretrained to a local weights file"
+            ) from None
+        what = "do not fit" if "size mismatch" in str(exc) else "cannot be loaded as weights for"
+        raise PipelineError(f"pretrained: {spec.pretrained}: {what} '{name}' ({detail})") from None
+
+
+def normalization(model: torch.nn.Module) -> tuple[list[float], list[float]]:
+    cfg = timm.data.resolve_model_data_config(model)
+    return [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]]
+
+
+def weights_name(index: int) -> str:
+    return "model.safetensors" if index == 0 else f"member_{index}.safetensors"
+
+
+def save_checkpoint(
+    members: list[torch.nn.Module],
+    card: ModelCard,
+    folder: Path,
+    extra_files: dict[str, str] | None = None,
+) -> None:
+    """Weights, card and any ``extra_files`` (name -> text) land together or not at all."""
+    with atomic_path(folder) as staged:
+        staged.mkdir()
+        for filename, text in (extra_files or {}).items():
+            (staged / filename).write_text(text)
+        for net, member in zip(members, card.members, strict=True):
+            state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+            save_file(state, staged / member.weights)
+        (staged / "card.json").write_text(json.dumps(asdict(card), indent=2))
+
+
+def load_card(folder: Path) -> ModelCard:
+    path = folder / "card.json"
+    if not path.exists():
+        raise PipelineError(f"{path}: not found; train that model first")
+    return ModelCard.from_json(path.read_text())
+
+
+def load_checkpoint(
+    folder: Path, device: torch.device | str = "cpu"
+) -> tuple[Classifier, ModelCard]:
+    """The model in ``folder`` as one ``Classifier`` (all its members), in eval mode."""
+    card = load_card(folder)
+    nets = []
+    for member in card.members:
+        net = timm.create_model(member.model, pretrained=False, num_classes=len(card.classes))
+        path = folder / member.weights
+        try:
+            net.load_state_dict(load_file(path, device=str(device)))
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise PipelineError(f"{path}: does not fit '{member.model}' ({first})") from None
+        nets.append(net)
+    classifier = Classifier(nets, [m.mean for m in card.members], [m.std for m in card.members])
+    return classifier.to(device).eval(), card
+
+
+def resolve_device(runtime: RuntimeSettings) -> torch.device:
+    """The device of this process: under torchrun, GPU ``LOCAL_RANK`` of the machine."""
+    if runtime.device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("runtime.device is 'cuda' but no CUDA device is available")
+    kind = runtime.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device(kind)
+
+
+class Normalize(torch.nn.Module):
+    """Pixels 0..255 (uint8 or float) NCHW -> normalized float, on the device."""
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
+class Classifier(torch.nn.Module):
+    """Pixels 0..255, N x 3 x H x W -> logits: one timm network, or an ensemble of them.
+
+    An ensemble's logits are the log of its members' averaged probabilities (Hinton et al.), so
+    softmax of the output is that average and argmax is the ensemble's vote."""
+
+    def __init__(
+        self, nets: list[torch.nn.Module], means: list[list[float]], stds: list[list[float]]
+    ) -> None:
+        super().__init__()
+        self.nets = torch.nn.ModuleList(nets)
+        self.norms = torch.nn.ModuleList(Normalize(m, s) for m, s in zip(means, stds, strict=True))
+
+    def member_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [net(norm(x)) for net, norm in zip(self.nets, self.norms, strict=True)]
+
+    def probs(self, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """The averaged softmax(logits / T) of the members, in float32."""
+        members = [torch.softmax(z.float() / temperature, dim=1) for z in self.member_logits(x)]
+        return torch.stack(members).mean(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.nets) == 1:
+            return self.nets[0](self.norms[0](x))
+        return torch.log(self.probs(x).clamp_min(1e-12))

@@ -1,0 +1,82 @@
+"""Batched inference shared by validation, pseudo-labeling and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from noisy_student.core.settings import RuntimeSettings
+from noisy_student.data.splits import ImageDataset, make_loader
+
+# validation and test batches: affects memory and speed only, never a result
+EVAL_BATCH_SIZE = 256
+
+
+def autocast(device: torch.device, runtime: RuntimeSettings):
+    # bf16 needs no loss scaling; on the CPU autocast would slow small models down, so GPU only
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=runtime.amp and device.type == "cuda"
+    )
+
+
+def eval_loader(
+    images: np.ndarray,
+    batch_size: int,
+    runtime: RuntimeSettings,
+    device,
+    indices: np.ndarray | None = None,
+) -> DataLoader:
+    """``images[indices]`` (all of them by default) in order, unaugmented."""
+    dataset = ImageDataset(images, indices=indices)
+    return make_loader(
+        dataset,
+        batch_size,
+        shuffle=False,
+        num_workers=runtime.num_workers,
+        pin_memory=device.type == "cuda",
+        seed=0,
+    )
+
+
+@torch.inference_mode()
+def iter_probabilities(
+    classifier: torch.nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    runtime: RuntimeSettings,
+    temperature: float = 1.0,
+) -> Iterator[torch.Tensor]:
+    """Softmax probabilities at ``temperature`` (float32, on the CPU) batch by batch, so a pool
+    of any size streams.
+
+    ``classifier`` takes pixels 0..255 (noisy_student.models.classifier.Classifier); an ensemble's probabilities are
+    its members' average."""
+    classifier.eval()
+    memory_format = device_memory_format(device, runtime)
+    for images in loader:
+        x = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        with autocast(device, runtime):
+            probs = classifier.probs(x, temperature)
+        yield probs.cpu()
+
+
+def accuracy(
+    classifier: torch.nn.Module,
+    loader: DataLoader,
+    labels: np.ndarray,
+    device: torch.device,
+    runtime: RuntimeSettings,
+) -> float:
+    predictions = torch.cat(
+        [p.argmax(1) for p in iter_probabilities(classifier, loader, device, runtime)]
+    )
+    return float((predictions.numpy() == labels).mean())
+
+
+def device_memory_format(device: torch.device, runtime: RuntimeSettings) -> torch.memory_format:
+    if runtime.channels_last and device.type == "cuda":
+        return torch.channels_last
+    return torch.contiguous_format

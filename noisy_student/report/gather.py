@@ -1,0 +1,165 @@
+"""What the report shows, read from the other stages' outputs (never the test images: evaluate's
+per-image test predictions stand in for them), and whether each round paid off."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.layout import Layout
+from noisy_student.core.settings import Settings
+from noisy_student.data.splits import UNKNOWN, load_classes
+from noisy_student.models.classifier import load_card
+
+SIGNIFICANCE = 0.05  # McNemar p below this: a round's change is more than the test set's noise
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything the report shows, read from the other stages' outputs."""
+
+    rounds: pd.DataFrame  # one row per model, loop order (also reports/plots/rounds.csv)
+    histories: dict[str, pd.DataFrame]  # per trained network (an ensemble: per member)
+    pseudo: dict[str, pd.DataFrame]  # per student: pred, confidence, kept, correct (NaN: unknown)
+    summaries: dict[str, dict]  # per student: pseudo_labels/<student>.json
+    predictions: dict[str, pd.DataFrame]  # per model: the test predictions evaluate wrote
+    classes: list[str]
+    registry: dict  # reports/registry.json
+
+
+def _read_json(path: Path, stage: str) -> dict:
+    if not path.exists():
+        raise PipelineError(f"{path}: not found; run the {stage} stage first")
+    return json.loads(path.read_text())
+
+
+def _read_csv(path: Path, stage: str, **kwargs) -> pd.DataFrame:
+    if not path.exists():
+        raise PipelineError(f"{path}: not found; run the {stage} stage first")
+    return pd.read_csv(path, **kwargs)
+
+
+def mcnemar(previous_right: np.ndarray, right: np.ndarray) -> tuple[int, int, float]:
+    """Images this model got right and the previous one wrong (gained), the reverse (lost), and
+    McNemar's exact two-sided p-value: how likely so uneven a split is if neither model is better.
+    """
+    from scipy.stats import binomtest
+
+    gained = int((right & ~previous_right).sum())
+    lost = int((previous_right & ~right).sum())
+    if gained + lost == 0:
+        return 0, 0, 1.0
+    return gained, lost, float(binomtest(gained, gained + lost, 0.5).pvalue)
+
+
+def verdict(delta: float, p_value: float) -> str:
+    if p_value >= SIGNIFICANCE:
+        return "no clear change"
+    return "paid off" if delta > 0 else "worse"
+
+
+def round_rows(
+    settings: Settings,
+    metrics: dict,
+    predictions: dict[str, pd.DataFrame],
+    summaries: dict[str, dict],
+    architectures: dict[str, str],
+    registry: dict,
+) -> pd.DataFrame:
+    versions = {m["model"]: m["version"] for m in registry.get("models", [])}
+    rows = []
+    names = settings.model_names()
+    for round_, name in enumerate(names):
+        acc = metrics[name]["test_accuracy"]
+        row: dict = {
+            "round": round_,
+            "model": name,
+            "architecture": architectures[name],
+            "test_accuracy": acc,
+            "vs_previous": math.nan,
+            "vs_teacher": math.nan,
+            "gained": math.nan,
+            "lost": math.nan,
+            "p_value": math.nan,
+            "verdict": "",
+            "kept": math.nan,
+            "pool_images": math.nan,
+            "kept_fraction": math.nan,
+            "kept_accuracy": math.nan,
+            "registry_version": versions.get(name),
+        }
+        if round_ > 0:
+            previous = names[round_ - 1]
+            right = (predictions[name]["actual"] == predictions[name]["predicted"]).to_numpy()
+            before = predictions[previous]
+            previous_right = (before["actual"] == before["predicted"]).to_numpy()
+            gained, lost, p_value = mcnemar(previous_right, right)
+            delta = acc - metrics[previous]["test_accuracy"]
+            summary = summaries[name]
+            kept_accuracy = summary.get("kept_accuracy")
+            row.update(
+                vs_previous=delta,
+                vs_teacher=acc - metrics["teacher"]["test_accuracy"],
+                gained=gained,
+                lost=lost,
+                p_value=p_value,
+                verdict=verdict(delta, p_value),
+                kept=summary["kept"],
+                pool_images=summary["pool_images"],
+                kept_fraction=summary["kept_fraction"],
+                kept_accuracy=math.nan if kept_accuracy is None else kept_accuracy,
+            )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def gather(settings: Settings, layout: Layout) -> Inputs:
+    names = settings.model_names()
+    metrics_file, registry_file = layout.metrics, layout.registry
+    data_dir, pseudo_dir = layout.prepared, layout.pseudo_labels
+    metrics = _read_json(metrics_file, "evaluate")
+    missing = [n for n in names if n not in metrics]
+    if missing:
+        raise PipelineError(f"{metrics_file}: no test accuracy for {missing}; run evaluate again")
+    registry = _read_json(registry_file, "evaluate")
+    classes = load_classes(data_dir)
+    architectures = {name: load_card(layout.model(name)).model for name in names}
+
+    histories: dict[str, pd.DataFrame] = {}
+    for name in names:
+        history = _read_csv(layout.model(name) / "history.csv", f"train ({name})")
+        for member, curve in history.groupby("member", sort=False):
+            histories[str(member)] = curve.reset_index(drop=True)
+
+    predictions = {
+        name: _read_csv(
+            layout.test_predictions / f"{name}.csv",
+            "evaluate",
+            dtype={"id": str, "actual": str, "predicted": str},  # class "01" stays "01"
+        )
+        for name in names
+    }
+    index = _read_csv(data_dir / "unlabeled" / "index.csv", "prepare", dtype={"id": str})
+    truth = index["true_label"].to_numpy(np.int64)
+    truth_known = bool((truth != UNKNOWN).all())
+    pseudo, summaries = {}, {}
+    for student in names[1:]:
+        summaries[student] = _read_json(pseudo_dir / f"{student}.json", "pseudo_label")
+        table = _read_csv(
+            pseudo_dir / f"{student}.csv",
+            "pseudo_label",
+            usecols=["id", "pred", "confidence", "kept"],
+            dtype={"id": str},
+        )
+        if table["id"].tolist() != index["id"].tolist():
+            raise PipelineError(f"{pseudo_dir / student}.csv: rows do not match the prepared pool")
+        table["correct"] = table["pred"].to_numpy() == truth if truth_known else np.nan
+        pseudo[student] = table
+    rounds = round_rows(settings, metrics, predictions, summaries, architectures, registry)
+    return Inputs(rounds, histories, pseudo, summaries, predictions, classes, registry)

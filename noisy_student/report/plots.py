@@ -1,0 +1,79 @@
+"""The report's pictures (PNG, in report order) and the CSVs behind dvc.yaml's plots."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from noisy_student.core.settings import Settings
+from noisy_student.report import figures
+from noisy_student.report.gather import Inputs
+
+IMAGES = "images"  # under PLOTS_DIR: the PNGs, in the report's order
+
+
+def histogram_rows(confidence: pd.Series, kept: pd.Series) -> pd.DataFrame:
+    """The confidence histogram as rows for DVC's bar template: 20 bins over 0..1."""
+    edges = np.linspace(0.0, 1.0, 21)
+    images, _ = np.histogram(confidence, bins=edges)
+    kept_counts, _ = np.histogram(confidence[kept.astype(bool)], bins=edges)
+    labels = [f"{a:.2f}-{b:.2f}" for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return pd.DataFrame({"confidence": labels, "images": images, "kept": kept_counts})
+
+
+def write_plots(inputs: Inputs, settings: Settings, preview: Path, out: Path) -> list[Path]:
+    """The PNGs (in report order) and the CSVs behind the DVC plots, under ``out``."""
+    images = out / IMAGES
+    for folder in (images, out / "learning_curves", out / "confidence", out / "kept_per_class"):
+        folder.mkdir(parents=True)
+    pictures: list[Path] = []
+
+    def picture(kind: str, model: str = "") -> Path:
+        # NN_<kind>[-<model>].png: sorted by name they are in the report's order
+        suffix = f"-{model}" if model else ""
+        pictures.append(images / f"{len(pictures) + 1:02d}_{kind}{suffix}.png")
+        return pictures[-1]
+
+    inputs.rounds.to_csv(out / "rounds.csv", index=False, float_format="%.6g")
+    figures.accuracy_per_round(
+        inputs.rounds, settings.report.supervised_accuracy, picture("test_accuracy")
+    )
+    for member, history in inputs.histories.items():
+        columns = ["epoch", "train_loss", "val_accuracy"]
+        history[columns].to_csv(out / "learning_curves" / f"{member}.csv", index=False)
+    figures.learning_curves(inputs.histories, picture("learning_curves"))
+    names = settings.model_names()
+    for round_, student in enumerate(names[1:], start=1):
+        table, summary = inputs.pseudo[student], inputs.summaries[student]
+        histogram_rows(table["confidence"], table["kept"]).to_csv(
+            out / "confidence" / f"{student}.csv", index=False
+        )
+        per_class = pd.DataFrame(
+            {"class": list(summary["kept_per_class"]), "kept": summary["kept_per_class"].values()}
+        )
+        per_class.to_csv(out / "kept_per_class" / f"{student}.csv", index=False)
+        figures.pseudo_label_round(
+            student,
+            names[round_ - 1],
+            table,
+            inputs.classes,
+            summary["threshold"],
+            summary["trained_per_class"] if summary.get("balance") else None,
+            picture("pseudo_labels", student),
+        )
+    final = names[-1]
+    test = inputs.predictions[final]
+    accuracy = float((test["actual"] == test["predicted"]).mean())
+    figures.confusion(
+        test["actual"].tolist(),
+        test["predicted"].tolist(),
+        inputs.classes,
+        f"{final} on {len(test)} test images: {100 * accuracy:.1f}% right",
+        picture("confusion", final),
+    )
+    if preview.exists():
+        shutil.copyfile(preview, picture("augmentation_preview"))
+    return pictures

@@ -1,0 +1,252 @@
+"""MLflow: one run per training, in the experiment named in params.yaml."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+
+from noisy_student.core.settings import MlflowSettings
+from noisy_student.models.classifier import Classifier, ModelCard
+
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(cfg: MlflowSettings) -> str:
+    """Where runs go: ``MLFLOW_TRACKING_URI`` from the environment when set (MLflow's own
+    convention: a shared tracking server without editing params.yaml), else
+    ``mlflow.tracking_uri``. ``sqlite:///mlflow.db`` is made absolute against the current
+    (project) directory: MLflow caches one store per URI, so a relative one would keep pointing
+    at the first project."""
+    prefix = "sqlite:///"
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri.removeprefix(prefix)).resolve())
+    return uri
+
+
+def use_tracking_uri(uri: str) -> None:
+    """``mlflow.set_tracking_uri`` without its side effect: MLflow 3 also exports the URI as
+    ``MLFLOW_TRACKING_URI``, which :func:`tracking_uri` reads as the user's choice of server, so
+    one project's store would outlive its run (the next flow run in a served process, every
+    subprocess it starts). The environment is left as the user set it."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def ui_url(cfg: MlflowSettings) -> str:
+    """The MLflow UI: the tracking server itself when runs go to one, else ``mlflow.ui_url``."""
+    uri = tracking_uri(cfg)
+    return uri if uri.startswith(("http://", "https://")) else cfg.ui_url
+
+
+def artifact_location(uri: str) -> str | None:
+    """A SQLite store's artifacts go beside it (``<folder>/mlruns``): MLflow's default is
+    ``./mlruns`` under whatever directory the first run happened to start in. A server: its own."""
+    prefix = "sqlite:///"
+    return str(Path(uri.removeprefix(prefix)).parent / "mlruns") if uri.startswith(prefix) else None
+
+
+def experiment_id(cfg: MlflowSettings) -> str:
+    uri = tracking_uri(cfg)
+    use_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location(uri))
+    except MlflowException:  # another process created it first
+        return mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists are indexed (students.0.model)."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list):
+        items = ((str(i), v) for i, v in enumerate(tree))
+    else:
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in items:
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+@dataclass(frozen=True)
+class ParentRun:
+    """An orchestrator's run (one Prefect flow run): training runs nest under it, with its tags."""
+
+    run_id: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def training_run(
+    cfg: MlflowSettings,
+    run_name: str,
+    tags: dict[str, str],
+    params: dict[str, Any],
+    parent: ParentRun | None = None,
+    run_id: str | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run that ends FAILED if the body raises (mlflow.start_run does that).
+
+    ``run_id``: an interrupted attempt's run, carried on (if it still exists) rather than begun
+    anew, so a resumed training keeps one run and one curve."""
+    experiment = experiment_id(cfg)
+    if run_id is not None and not _resumable(run_id, experiment):
+        run_id = None
+    all_tags = {**(parent.tags if parent else {}), **tags, **process_tags()}
+    if run_id is not None and parent is not None:
+        all_tags["mlflow.parentRunId"] = parent.run_id  # now under the run that finishes it
+    with mlflow.start_run(
+        run_id=run_id,
+        experiment_id=experiment,
+        run_name=run_name,
+        tags=all_tags,
+        parent_run_id=parent.run_id if parent and run_id is None else None,
+        nested=True,  # an ensemble member's run opens inside its model's run
+    ) as run:
+        mlflow.log_params(flatten(params))
+        yield run
+
+
+def process_tags() -> dict[str, str]:
+    """Which process a run belongs to, so a run left RUNNING by a killed one can be found."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+
+
+def _resumable(run_id: str, experiment: str) -> bool:
+    try:
+        info = mlflow.MlflowClient().get_run(run_id).info
+    except MlflowException:
+        return False
+    return info.experiment_id == experiment and info.lifecycle_stage == "active"
+
+
+def fail_orphaned_runs(cfg: MlflowSettings, keep: set[str] = frozenset()) -> list[str]:
+    """Mark FAILED the runs still RUNNING whose process on this host is gone (killed: a SIGKILL
+    cannot be caught), except ``keep`` (runs about to be carried on). Returns their ids."""
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    host = socket.gethostname()
+    orphans = []
+    for run in client.search_runs(
+        [experiment_id(cfg)],
+        filter_string=f"attributes.status = 'RUNNING' and tags.host = '{host}'",
+    ):
+        pid = run.data.tags.get("pid", "")
+        if run.info.run_id in keep or not pid.isdigit() or _alive(int(pid)):
+            continue
+        client.set_terminated(run.info.run_id, "FAILED")
+        orphans.append(run.info.run_id)
+    if orphans:
+        log.warning("marked %d MLflow run(s) of killed processes FAILED", len(orphans))
+    return orphans
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def start_parent_run(
+    cfg: MlflowSettings, run_name: str, tags: dict[str, str], params: dict[str, Any]
+) -> ParentRun:
+    """Open a run without making it the active one: stages open their own runs beneath it."""
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    run = client.create_run(experiment_id(cfg), run_name=run_name, tags={**tags, **process_tags()})
+    flat = flatten(params)
+    keys = sorted(flat)
+    for start in range(0, len(keys), 100):  # MLflow takes at most 100 params per batch
+        batch = [mlflow.entities.Param(k, str(flat[k])) for k in keys[start : start + 100]]
+        client.log_batch(run.info.run_id, params=batch)
+    return ParentRun(run.info.run_id, tags)
+
+
+def end_parent_run(
+    cfg: MlflowSettings, parent: ParentRun, metrics: dict[str, float], failed: bool
+) -> None:
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    if metrics:
+        batch = [mlflow.entities.Metric(k, v, _now_ms(), 0) for k, v in metrics.items()]
+        client.log_batch(parent.run_id, metrics=batch)
+    client.set_terminated(parent.run_id, "FAILED" if failed else "FINISHED")
+
+
+def run_url(cfg: MlflowSettings, run_id: str) -> str:
+    """The run's page in the MLflow UI at ``mlflow.ui_url``."""
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    experiment = client.get_run(run_id).info.experiment_id
+    return f"{ui_url(cfg).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def log_model(nets: list[torch.nn.Module], card: ModelCard) -> None:
+    """Log a self-contained model: float pixels in 0..255, N x 3 x H x W -> logits (an
+    ensemble's: the log of its averaged probabilities).
+
+    Saved as a torch.export (pt2) program, which loads without unpickling code.
+    """
+    import copy
+
+    import timm
+
+    classifier = Classifier(
+        [copy.deepcopy(net).cpu() for net in nets],
+        [m.mean for m in card.members],
+        [m.std for m in card.members],
+    ).eval()
+    # two images, so torch.export keeps the batch dimension dynamic
+    example = np.zeros((2, 3, card.image_size, card.image_size), dtype=np.float32)
+    mlflow.pytorch.log_model(
+        classifier,
+        name="model",
+        input_example=example,
+        serialization_format="pt2",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"],
+        metadata={"classes": card.classes, "image_size": card.image_size},
+    )
+
+
+def log_batch_image(batch: torch.Tensor, artifact_file: str = "train_batch.png") -> None:
+    """The first training batch as the model sees it (augmented, mixed), up to 64 images, as a
+    picture in the active run: check that an augmented image still shows its class."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(batch[:64], nrow=8, padding=1).permute(1, 2, 0).numpy()
+    scale = max(1, 256 // batch.shape[-1])  # small images: enlarge, without smoothing
+    mlflow.log_image(np.kron(grid, np.ones((scale, scale, 1), dtype=np.uint8)), artifact_file)
+
+
+def log_test_accuracy(cfg: MlflowSettings, run_id: str | None, value: float) -> None:
+    if run_id is None:
+        return
+    use_tracking_uri(tracking_uri(cfg))
+    try:
+        mlflow.MlflowClient().log_metric(run_id, "test_accuracy", value)
+    except MlflowException as exc:
+        log.warning("could not log test_accuracy to MLflow run %s: %s", run_id, exc)

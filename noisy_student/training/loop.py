@@ -1,0 +1,200 @@
+"""The training loop shared by the teacher and every student."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from timm.scheduler import CosineLRScheduler
+from torch.nn.parallel import DistributedDataParallel
+
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.progress import Progress, track
+from noisy_student.core.settings import ModelTraining, RuntimeSettings
+from noisy_student.data.splits import Split, TrainingImages, make_loader, parts, training_sampler
+from noisy_student.losses.distill import Distillation, student_loss
+from noisy_student.losses.mixing import BatchMixer
+from noisy_student.models.classifier import Classifier, normalization
+from noisy_student.models.inference import (
+    EVAL_BATCH_SIZE,
+    accuracy,
+    autocast,
+    device_memory_format,
+    eval_loader,
+)
+from noisy_student.models.transfer import create_optimizer, freeze_backbone, unfreeze_backbone
+from noisy_student.training import distributed
+from noisy_student.training.resume import MemberCheckpoint, RandomStreams
+
+log = logging.getLogger(__name__)
+WORKER_SEED_STRIDE = 7919  # rank r's DataLoader workers draw from seed + 7919 r
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int  # 1-based
+    train_loss: float
+    val_accuracy: float
+    lr: float  # the head's learning rate at the end of the epoch
+    lr_backbone: float  # the backbone's (its first layer's, under layer decay)
+    seconds: float
+
+
+def fit(
+    model: torch.nn.Module,
+    train_set: TrainingImages,
+    val: Split,
+    spec: ModelTraining,
+    runtime: RuntimeSettings,
+    device: torch.device,
+    seed: int,
+    on_epoch: Callable[[EpochResult], None],
+    desc: str,
+    distill: Distillation | None = None,
+    on_first_batch: Callable[[torch.Tensor], None] | None = None,
+    checkpoint: MemberCheckpoint | None = None,
+) -> list[EpochResult]:
+    """Train ``model`` in place: AdamW over the transfer-learning parameter groups, timm's warmup
+    + cosine schedule, MixUp/CutMix, and distillation when ``distill`` is given.
+
+    The caller seeds the global RNGs (``seed_everything``) before it builds the model.
+    ``on_first_batch`` receives the first training batch as the model sees it (augmented, mixed;
+    pixels 0..255), for a picture. ``checkpoint``: where the state is saved every few epochs and
+    resumed from, if it holds one."""
+    here = distributed.world()
+    if spec.batch_size % here.size:
+        raise PipelineError(
+            f"batch_size {spec.batch_size} is the global batch: it must divide evenly among the "
+            f"{here.size} training processes (runtime.devices x runtime.nodes)"
+        )
+    batch_size = spec.batch_size // here.size  # this process's share of the global batch
+    frozen = freeze_backbone(model) if spec.transfer == "linear_probe" else []
+    memory_format = device_memory_format(device, runtime)
+    model.to(device=device, memory_format=memory_format)
+    mean, std = normalization(model)
+    # evaluation runs on rank 0 alone, on the plain model: DDP's forward is a collective call
+    classifier = Classifier([model], [mean], [std]).to(device)  # shares the model's weights
+    trained = classifier
+    if here.size > 1:  # gradients averaged across processes at every backward
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.index else None)
+        trained = Classifier([ddp], [mean], [std]).to(device)
+    if distill is not None and distill.online is not None:
+        distill.online.classifier.to(device=device, memory_format=memory_format)
+    pin = device.type == "cuda"
+    sampler = training_sampler(train_set, seed, here.rank, here.size)
+    # a lone sample in the last batch would break BatchNorm: drop that one only
+    loader = make_loader(
+        train_set,
+        batch_size,
+        shuffle=False,
+        num_workers=runtime.num_workers,
+        pin_memory=pin,
+        seed=seed + WORKER_SEED_STRIDE * here.rank,
+        drop_last=len(sampler) % batch_size == 1,
+        sampler=sampler,
+    )
+    val_loader = eval_loader(val.images, EVAL_BATCH_SIZE, runtime, device)
+    optimizer = create_optimizer(model, spec)
+    steps = len(loader)
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=spec.epochs * steps,
+        warmup_t=spec.warmup_epochs * steps,
+        warmup_lr_init=spec.lr * 0.01,
+        lr_min=spec.lr * 0.01,
+        t_in_epochs=False,
+    )
+    scheduler.step_update(0)  # applies each group's lr_scale from the very first batch
+    mixer = BatchMixer(spec)
+    temperature = distill.temperature if distill is not None else 1.0
+    policies = [d.transform.policy for d in parts(train_set) if d.transform is not None]
+    streams = RandomStreams(policies[0] if policies else None, loader.generator)
+    history: list[EpochResult] = []
+    update, done = 0, 0
+    state = None
+    if checkpoint is not None:
+        # the newest checkpoint every process has (they may be one apart after a kill)
+        saved = checkpoint.epochs()
+        common = distributed.least(max(saved, default=0))
+        if common and distributed.least(int(common in saved)):
+            state = checkpoint.load(model, optimizer, streams, common)
+    if state is not None:
+        update, done = state["update"], state["epoch"]
+        history = [EpochResult(**row) for row in state["history"]]
+        scheduler.step_update(update)
+        if here.main:
+            log.info("%s: resumed after epoch %d of %d", desc, done, spec.epochs)
+    epochs = Progress(spec.epochs, desc, "epochs", initial=done, enabled=here.main)
+    for epoch in range(done + 1, spec.epochs + 1):
+        start = time.perf_counter()
+        sampler.set_epoch(epoch)
+        trained.train()
+        loss_sum = torch.zeros((), device=device)
+        seen = torch.zeros((), device=device)
+        # batches show on a terminal, and in logs only when an epoch takes minutes
+        batches = f"{desc} epoch {epoch}"
+        for images, targets, kd_weights, teacher_probs in track(
+            loader, steps, batches, "batches", leave=False, min_interval=60, enabled=here.main
+        ):
+            x = images.to(device, non_blocking=True).float()
+            y = targets.to(device, non_blocking=True)
+            k = kd_weights.to(device, non_blocking=True)
+            q = teacher_probs.to(device, non_blocking=True)
+            x, y, k, q = mixer(x, y, k, q)
+            x = x.contiguous(memory_format=memory_format)
+            if on_first_batch is not None and update == 0 and here.main:
+                on_first_batch(x.detach().clamp(0, 255).to(torch.uint8).cpu())
+            with autocast(device, runtime):
+                logits = trained(x)
+                soft = distill.targets(x, q) if distill is not None else None
+            loss = student_loss(logits, y, k, soft, temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            update += 1
+            scheduler.step_update(update)
+            loss_sum += loss.detach() * len(y)  # stays on the device: no host sync per batch
+            seen += len(y)
+        if here.size > 1:  # the loss over the global batch, as one process would report it
+            torch.distributed.all_reduce(loss_sum)
+            torch.distributed.all_reduce(seen)
+        train_loss = float(loss_sum.item() / max(seen.item(), 1))
+        if not here.main:  # rank 0 evaluates, logs and saves; the others only train
+            if checkpoint is not None and checkpoint.due(epoch, spec.epochs):
+                counters = {"epoch": epoch, "update": update, "history": []}
+                checkpoint.save(model, optimizer, streams, counters)
+            continue
+        val_acc = accuracy(classifier, val_loader, val.labels, device, runtime)
+        lr_head, lr_backbone = group_lrs(optimizer)
+        result = EpochResult(
+            epoch, train_loss, val_acc, lr_head, lr_backbone, time.perf_counter() - start
+        )
+        history.append(result)
+        on_epoch(result)
+        if checkpoint is not None and checkpoint.due(epoch, spec.epochs):
+            counters = {"epoch": epoch, "update": update, "history": [asdict(r) for r in history]}
+            checkpoint.save(model, optimizer, streams, counters)
+        epochs.update(1, train_loss=f"{train_loss:.4f}", val_accuracy=f"{val_acc:.4f}")
+    epochs.close()
+    if frozen:
+        unfreeze_backbone(model, frozen)
+    return history
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    """The head's learning rate and the lowest one of the backbone (nan if it is frozen)."""
+    head = [g["lr"] for g in optimizer.param_groups if g["head"]]
+    backbone = [g["lr"] for g in optimizer.param_groups if not g["head"]]
+    return max(head), min(backbone) if backbone else float("nan")
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,339 @@
+"""Stage `train`: the teacher on the labeled set, or a round's student on labeled + pseudo-labels.
+
+    python -m noisy_student.training.train --name teacher
+    python -m noisy_student.training.train --name student_1
+
+dvc.yaml also passes the round's other settings (``${item}`` unpacks to ``--model ... --lr ...``)
+so that DVC reruns exactly the rounds whose entry changed; they are read from params.yaml, and
+the command-line copies are only checked against it.
+
+The teacher may be an ensemble (``teacher.ensemble``): each member trains in turn, with its own
+seed and MLflow run nested under the teacher's, and all of them are saved as one model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import asdict
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+
+from noisy_student.augment.policy import TrainTransform, load_policy, randaugment, seed_policy
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.layout import Layout
+from noisy_student.core.settings import ModelTraining, Settings
+from noisy_student.data.splits import Split, TrainingImages, load_classes, load_split
+from noisy_student.losses.distill import Distillation, FrozenTeacher, precompute
+from noisy_student.losses.mixing import one_hot, sharpen
+from noisy_student.models.classifier import (
+    Member,
+    ModelCard,
+    create_model,
+    load_checkpoint,
+    normalization,
+    resolve_device,
+    save_checkpoint,
+    weights_name,
+)
+from noisy_student.pseudo_labels.labeling import load_pseudo_labels
+from noisy_student.tracking import runs as tracking
+from noisy_student.training import distributed
+from noisy_student.training.loop import EpochResult, fit, seed_everything
+from noisy_student.training.resume import Checkpoints, MemberCheckpoint, fingerprint
+
+log = logging.getLogger(__name__)
+MEMBER_SEED_STRIDE = 1000  # ensemble member k trains with seed + 1000 * k
+RANK_SEED_STRIDE = 100_003  # DDP process r augments with seed + 100003 * r
+
+
+def round_of(settings: Settings, name: str) -> int:
+    """0 for the teacher, r for student_r."""
+    return settings.model_names().index(name)
+
+
+def labeled_items(
+    labeled: Split,
+    num_classes: int,
+    spec: ModelTraining,
+    ce_weight: float,
+    kd_weight: float,
+    teacher_probs: np.ndarray | None = None,
+) -> TrainingImages:
+    targets = one_hot(labeled.labels, num_classes, spec.label_smoothing) * ce_weight
+    return TrainingImages(
+        labeled.images,
+        np.arange(len(labeled)),
+        targets,
+        np.full(len(labeled), kd_weight, dtype=np.float32),
+        teacher_probs,
+    )
+
+
+def training_items(
+    settings: Settings,
+    name: str,
+    spec: ModelTraining,
+    classes: list[str],
+    layout: Layout,
+    clean_teacher: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> tuple[Dataset, int]:
+    """Items with their targets and distillation weights (see noisy_student/losses/distill.py), and how many
+    come from the labeled set. ``clean_teacher(images, rows)``: the teacher's distribution at T on
+    clean images, carried by the items when distillation uses it. The caller attaches the
+    transform."""
+    labeled = load_split("labeled", layout.prepared)
+    if name == "teacher":
+        return labeled_items(labeled, len(classes), spec, 1.0, 0.0), len(labeled)
+    kd = settings.distill
+    alpha = kd.alpha if kd.enabled else 0.0
+    pool = load_split("unlabeled", layout.prepared)
+    pseudo = load_pseudo_labels(layout.pseudo_table(name), pool, classes)
+    if settings.pseudo_label.labels == "hard":
+        pool_targets = one_hot(pseudo.hard, len(classes), spec.label_smoothing)
+    else:
+        pool_targets = sharpen(pseudo.probs, settings.pseudo_label.temperature)
+    labeled_probs = pool_probs = None
+    if clean_teacher is not None:
+        labeled_probs = clean_teacher(labeled.images, np.arange(len(labeled)))
+        rows, copy_of = np.unique(pseudo.indices, return_inverse=True)  # each image once
+        pool_probs = clean_teacher(pool.images, rows)[copy_of]
+    # distillation on: the pool learns from the teacher's soft output alone (KL term, weight 1)
+    pool_ce, pool_kd = (0.0, 1.0) if kd.enabled else (1.0, 0.0)
+    pool_items = TrainingImages(
+        pool.images,
+        pseudo.indices,
+        pool_targets * pool_ce,
+        np.full(len(pseudo.indices), pool_kd, dtype=np.float32),
+        pool_probs,
+    )
+    labeled_part = labeled_items(labeled, len(classes), spec, 1.0 - alpha, alpha, labeled_probs)
+    return ConcatDataset([labeled_part, pool_items]), len(labeled)
+
+
+def attach_transform(dataset: Dataset, transform: TrainTransform) -> None:
+    for part in getattr(dataset, "datasets", [dataset]):
+        part.transform = transform
+
+
+def train(
+    settings: Settings,
+    name: str,
+    layout: Layout,
+    *,
+    parent: tracking.ParentRun | None = None,
+) -> list[EpochResult]:
+    """Train model ``name`` (``teacher`` or ``student_<r>``) and write ``models/<name>``.
+
+    A training killed part-way resumes from its last checkpoint under ``layout.checkpoints``, in the
+    same MLflow run. ``parent``: the orchestrator's MLflow run, under which this one is nested.
+    """
+    if name not in settings.model_names():
+        known = ", ".join(settings.model_names())
+        raise PipelineError(f"unknown model '{name}' (params.yaml defines: {known})")
+    round_ = round_of(settings, name)
+    spec: ModelTraining = settings.teacher if round_ == 0 else settings.student(name)
+    role = "teacher" if round_ == 0 else "student"
+    seed = settings.seed + round_
+    architectures = [spec.model, *(settings.teacher.ensemble if round_ == 0 else [])]
+
+    data_dir = layout.prepared
+    classes = load_classes(data_dir)
+    val = load_split("val", data_dir)
+    device = resolve_device(settings.runtime)
+    distill, clean_teacher = None, None
+    if round_ > 0 and settings.distill.enabled:
+        kd = settings.distill
+        teacher = FrozenTeacher(load_checkpoint(layout.model(settings.student(name).teacher))[0])
+        if kd.teacher_input == "augmented":
+            distill = Distillation(kd.temperature, online=teacher)
+        else:
+            distill = Distillation(kd.temperature)
+            clean_teacher = functools.partial(
+                precompute,
+                teacher,
+                temperature=kd.temperature,
+                runtime=settings.runtime,
+                device=device,
+                batch_size=settings.pseudo_label.batch_size,
+            )
+    train_set, labeled_count = training_items(
+        settings, name, spec, classes, layout, clean_teacher
+    )
+
+    params = {
+        "seed": seed,
+        "model": spec.model_dump(),
+        "data": settings.data.model_dump(),
+        "augment": getattr(settings.augment, role).model_dump(),
+        "runtime": settings.runtime.model_dump(),
+        "train_images": len(train_set),
+        "labeled_images": labeled_count,
+    }
+    if round_ > 0:
+        params["pseudo_label"] = settings.pseudo_label.model_dump()
+        params["distill"] = settings.distill.model_dump()
+        params["pseudo_labeled_images"] = len(train_set) - labeled_count
+    tags = {"stage": role, "round": str(round_), "model_name": name}
+    log.info(
+        "training %s (%s) on %d images on %s", name, "+".join(architectures), len(train_set), device
+    )
+    inputs = [data_dir / "labeled" / "images.npy", data_dir / "labeled" / "index.csv"]
+    inputs += [data_dir / "val" / "index.csv", layout.augment / f"{role}.json"]
+    if round_ > 0:
+        inputs.append(layout.pseudo_table(name))
+        if settings.distill.enabled:
+            inputs += sorted(layout.model(settings.student(name).teacher).glob("*.safetensors"))
+    checkpoints = Checkpoints(
+        layout.checkpoints / name,
+        fingerprint([params, architectures], inputs),
+        settings.runtime.checkpoint_epochs,
+    )
+    here = distributed.world()
+    fit_member = functools.partial(
+        train_member,
+        settings,
+        spec,
+        train_set=train_set,
+        val=val,
+        classes=classes,
+        policy=load_policy(role, seed, layout.augment),
+        device=device,
+        distill=distill,
+    )
+    labels = [
+        name if len(architectures) == 1 else f"{name}.member_{k}" for k in range(len(architectures))
+    ]
+    if not here.main:  # the other processes of a DDP run: train alongside rank 0, write nothing
+        for k, (architecture, label) in enumerate(zip(architectures, labels, strict=True)):
+            rank_label = f"{label}.rank{here.rank}"
+            fit_member(
+                architecture, seed + MEMBER_SEED_STRIDE * k, label, checkpoints.member(rank_label)
+            )
+        return []
+    resumed = checkpoints.run_ids()  # the MLflow runs of an interrupted attempt carry on
+    tracking.fail_orphaned_runs(settings.mlflow, keep=set(resumed.values()))
+    nets, members, history, rows = [], [], [], []
+    with tracking.training_run(
+        settings.mlflow, name, tags, params, parent, run_id=resumed.get(name)
+    ) as run:
+        checkpoints.remember_run(name, run.info.run_id)
+        for k, (architecture, label) in enumerate(zip(architectures, labels, strict=True)):
+            member_seed = seed + MEMBER_SEED_STRIDE * k
+            # an ensemble's members get runs of their own, nested under the model's run
+            member_run = (
+                contextlib.nullcontext(run)
+                if len(architectures) == 1
+                else tracking.training_run(
+                    settings.mlflow,
+                    label,
+                    {**tags, "member": str(k)},
+                    {**params, "seed": member_seed, "member": k, "architecture": architecture},
+                    tracking.ParentRun(run.info.run_id, parent.tags if parent else {}),
+                    run_id=resumed.get(label),
+                )
+            )
+            with member_run as active:
+                checkpoints.remember_run(label, active.info.run_id)
+                rank_label = label if here.size == 1 else f"{label}.rank0"
+                net, curve = fit_member(
+                    architecture, member_seed, label, checkpoints.member(rank_label)
+                )
+            mean, std = normalization(net)
+            members.append(Member(architecture, weights_name(k), mean, std, active.info.run_id))
+            nets.append(net)
+            history += curve
+            rows += [{"member": label, **asdict(r)} for r in curve]
+        card = ModelCard(
+            name=name,
+            classes=classes,
+            image_size=settings.data.image_size,
+            mlflow_run_id=run.info.run_id,
+            members=members,
+        )
+        tracking.log_model(nets, card)
+        curves = pd.DataFrame(rows).to_csv(index=False)
+        save_checkpoint(nets, card, layout.model(name), extra_files={"history.csv": curves})
+    checkpoints.clear()
+    return history
+
+
+def train_member(
+    settings: Settings,
+    spec: ModelTraining,
+    architecture: str,
+    seed: int,
+    desc: str,
+    checkpoint: MemberCheckpoint,
+    *,
+    train_set: Dataset,
+    val: Split,
+    classes: list[str],
+    policy,
+    device: torch.device,
+    distill: Distillation | None,
+) -> tuple[torch.nn.Module, list[EpochResult]]:
+    """One network, trained in place under the active MLflow run."""
+    seed_everything(seed)
+    seed_policy(policy, seed)
+    noise = randaugment(spec.randaugment_n, spec.randaugment_m, settings.data.image_size)
+    attach_transform(train_set, TrainTransform(policy, noise if spec.randaugment_n > 0 else None))
+    net = create_model(spec, len(classes), architecture)
+    rank = distributed.world().rank
+    if rank > 0:  # the same initial weights everywhere, but each process its own noise
+        seed_everything(seed + RANK_SEED_STRIDE * rank)
+        seed_policy(policy, seed + RANK_SEED_STRIDE * rank)
+
+    def on_epoch(result: EpochResult) -> None:
+        metrics = {
+            "train_loss": result.train_loss,
+            "val_accuracy": result.val_accuracy,
+            "lr": result.lr,
+            "epoch_seconds": result.seconds,
+        }
+        if not np.isnan(result.lr_backbone):
+            metrics["lr_backbone"] = result.lr_backbone
+        mlflow.log_metrics(metrics, step=result.epoch)
+
+    history = fit(
+        net,
+        train_set,
+        val,
+        spec,
+        settings.runtime,
+        device,
+        seed,
+        on_epoch,
+        desc=desc,
+        distill=distill,
+        on_first_batch=tracking.log_batch_image,
+        checkpoint=checkpoint,
+    )
+    return net, history
+
+
+def check_round_flags(settings: Settings, name: str, flags: list[str]) -> None:
+    """The ``--key value`` copies that dvc.yaml passes must match params.yaml."""
+    if not flags:
+        return
+    entry = settings.student(name).model_dump()
+    i = 0
+    while i < len(flags):
+        key = flags[i].removeprefix("--")
+        if key not in entry:
+            raise PipelineError(f"unknown option {flags[i]} for round '{name}'")
+        expected = entry[key]
+        if isinstance(expected, bool):
+            given: object = True  # DVC unpacks true as a bare flag and drops false
+            i += 1
+        else:
+            given = type(expected)(flags[i + 1]) if i + 1 < len(flags) else None
+            i += 2
+        if given != expected:
+            raise PipelineError(f"{name}: --{key} {given} differs from params.yaml ({expected})")
