@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test lint ui serve worker remote lock clean bench-accuracy bench-speed bench-scale
+.PHONY: demo test test-fast lint ui serve worker remote lock clean bench-accuracy bench-speed bench-scale
 
 $(STAMP): requirements.lock
 	@test -x $(VENV)/bin/python || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -25,6 +25,9 @@ demo: $(STAMP)  ## run the whole Noisy Student pipeline on the built-in digits d
 
 test: $(STAMP)  ## the whole test suite, end-to-end runs included
 	python -m pytest -q
+
+test-fast: $(STAMP)  ## the inner loop: every test but the end-to-end runs (marked slow)
+	python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	ruff check . && ruff format --check .

@@ -116,29 +116,21 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="session")
 def trained_project(tmp_path_factory) -> Path:
-    """A project folder after prepare, augment, teacher, pseudo-labels, student_1 and evaluate
-    (tiny models, a real sqlite MLflow store, registry included): what the report, export,
-    predict and registry tests read. Tests must not change it (write elsewhere, or put back)."""
-    from noisy_student.augment.policy import augment
+    """A project folder after the loop up to the register stage, one round (tiny models, a real
+    sqlite MLflow store, registry included): what the report, export, predict and registry tests
+    read. The steps come from its dvc.yaml, as the flow's do. Tests must not change it (write
+    elsewhere, or put back)."""
+    from flows.stages import dvc_yaml_plan, run_in_process
+    from noisy_student.core.layout import Layout
     from noisy_student.core.settings import load_settings
-    from noisy_student.data.prepare import prepare
-    from noisy_student.evaluation.evaluate import evaluate
-    from noisy_student.pseudo_labels.labeling import pseudo_label
-    from noisy_student.training.train import train
 
-    root = tmp_path_factory.mktemp("trained")
     params = shrink(load_params())
     params["students"] = params["students"][:1]
     params["students"][0]["epochs"] = 3
-    write_params(root / "params.yaml", params)
-    with contextlib.chdir(root):  # the stages' default paths and MLflow's ./mlruns land here
+    root = make_project(tmp_path_factory.mktemp("trained"), params)
+    with contextlib.chdir(root):  # MLflow's sqlite store and ./mlruns land here
         settings = load_settings()
-        prepare(settings)
-        augment(settings)
-        train(settings, "teacher")
-        pseudo_label(settings, "student_1")
-        train(settings, "student_1")
-        evaluate(settings)
+        run_in_process(dvc_yaml_plan(settings, root), settings, Layout.at(), until="register")
     return root
 
 

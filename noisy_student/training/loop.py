@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from timm.scheduler import CosineLRScheduler
+from timm.utils import random_seed
 from torch.nn.parallel import DistributedDataParallel
 
 from noisy_student.core.errors import PipelineError
@@ -44,35 +44,86 @@ class EpochResult:
     seconds: float
 
 
+@dataclass
+class FitConfig:
+    """How one network trains: its recipe, where, from which seed, and what to call on the way.
+
+    ``on_epoch`` gets every epoch's result (rank 0 only); ``on_first_batch`` the first training
+    batch as the model sees it (augmented, mixed; pixels 0..255), for a picture; ``checkpoint``
+    is where the state is saved every few epochs and resumed from, if it holds one."""
+
+    spec: ModelTraining
+    runtime: RuntimeSettings
+    device: torch.device
+    seed: int
+    desc: str
+    distill: Distillation | None = None
+    on_epoch: Callable[[EpochResult], None] | None = None
+    on_first_batch: Callable[[torch.Tensor], None] | None = None
+    checkpoint: MemberCheckpoint | None = None
+
+
+@dataclass
+class _Loop:
+    """The state one epoch hands the next."""
+
+    model: torch.nn.Module
+    classifier: Classifier  # the plain model, for evaluation on rank 0
+    trained: Classifier  # what the optimizer steps through (DDP-wrapped with several processes)
+    loader: torch.utils.data.DataLoader
+    sampler: torch.utils.data.DistributedSampler
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    streams: RandomStreams
+    mixer: BatchMixer
+    memory_format: torch.memory_format
+    update: int = 0
+
+
 def fit(
-    model: torch.nn.Module,
-    train_set: TrainingImages,
-    val: Split,
-    spec: ModelTraining,
-    runtime: RuntimeSettings,
-    device: torch.device,
-    seed: int,
-    on_epoch: Callable[[EpochResult], None],
-    desc: str,
-    distill: Distillation | None = None,
-    on_first_batch: Callable[[torch.Tensor], None] | None = None,
-    checkpoint: MemberCheckpoint | None = None,
+    model: torch.nn.Module, train_set: TrainingImages, val: Split, config: FitConfig
 ) -> list[EpochResult]:
     """Train ``model`` in place: AdamW over the transfer-learning parameter groups, timm's warmup
-    + cosine schedule, MixUp/CutMix, and distillation when ``distill`` is given.
+    + cosine schedule, MixUp/CutMix, and distillation when ``config.distill`` is given.
 
-    The caller seeds the global RNGs (``seed_everything``) before it builds the model.
-    ``on_first_batch`` receives the first training batch as the model sees it (augmented, mixed;
-    pixels 0..255), for a picture. ``checkpoint``: where the state is saved every few epochs and
-    resumed from, if it holds one."""
-    here = distributed.world()
+    The caller seeds the global RNGs (``seed_everything``) before it builds the model."""
+    spec, here = config.spec, distributed.world()
+    frozen = freeze_backbone(model) if spec.transfer == "linear_probe" else []
+    loop = _set_up(model, train_set, config)
+    history, done = _resume(loop, config)
+    val_loader = eval_loader(val.images, EVAL_BATCH_SIZE, config.runtime, config.device)
+    epochs = Progress(spec.epochs, config.desc, "epochs", initial=done, enabled=here.main)
+    for epoch in range(done + 1, spec.epochs + 1):
+        start = time.perf_counter()
+        train_loss = _train_epoch(loop, config, epoch)
+        if not here.main:  # rank 0 evaluates, logs and saves; the others only train
+            _save(loop, config, epoch, [])
+            continue
+        val_acc = accuracy(loop.classifier, val_loader, val.labels, config.device, config.runtime)
+        lr_head, lr_backbone = group_lrs(loop.optimizer)
+        result = EpochResult(
+            epoch, train_loss, val_acc, lr_head, lr_backbone, time.perf_counter() - start
+        )
+        history.append(result)
+        if config.on_epoch is not None:
+            config.on_epoch(result)
+        _save(loop, config, epoch, [asdict(r) for r in history])
+        epochs.update(1, train_loss=f"{train_loss:.4f}", val_accuracy=f"{val_acc:.4f}")
+    epochs.close()
+    if frozen:
+        unfreeze_backbone(model, frozen)
+    return history
+
+
+def _set_up(model: torch.nn.Module, train_set: TrainingImages, config: FitConfig) -> _Loop:
+    """The model on its device, the data order, the optimizer and the schedule."""
+    spec, runtime, device, here = config.spec, config.runtime, config.device, distributed.world()
     if spec.batch_size % here.size:
         raise PipelineError(
             f"batch_size {spec.batch_size} is the global batch: it must divide evenly among the "
             f"{here.size} training processes (runtime.devices x runtime.nodes)"
         )
     batch_size = spec.batch_size // here.size  # this process's share of the global batch
-    frozen = freeze_backbone(model) if spec.transfer == "linear_probe" else []
     memory_format = device_memory_format(device, runtime)
     model.to(device=device, memory_format=memory_format)
     mean, std = normalization(model)
@@ -82,22 +133,20 @@ def fit(
     if here.size > 1:  # gradients averaged across processes at every backward
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.index else None)
         trained = Classifier([ddp], [mean], [std]).to(device)
-    if distill is not None and distill.online is not None:
-        distill.online.classifier.to(device=device, memory_format=memory_format)
-    pin = device.type == "cuda"
-    sampler = training_sampler(train_set, seed, here.rank, here.size)
+    if config.distill is not None and config.distill.online is not None:
+        config.distill.online.classifier.to(device=device, memory_format=memory_format)
+    sampler = training_sampler(train_set, config.seed, here.rank, here.size)
     # a lone sample in the last batch would break BatchNorm: drop that one only
     loader = make_loader(
         train_set,
         batch_size,
         shuffle=False,
         num_workers=runtime.num_workers,
-        pin_memory=pin,
-        seed=seed + WORKER_SEED_STRIDE * here.rank,
+        pin_memory=device.type == "cuda",
+        seed=config.seed + WORKER_SEED_STRIDE * here.rank,
         drop_last=len(sampler) % batch_size == 1,
         sampler=sampler,
     )
-    val_loader = eval_loader(val.images, EVAL_BATCH_SIZE, runtime, device)
     optimizer = create_optimizer(model, spec)
     steps = len(loader)
     scheduler = CosineLRScheduler(
@@ -109,80 +158,83 @@ def fit(
         t_in_epochs=False,
     )
     scheduler.step_update(0)  # applies each group's lr_scale from the very first batch
-    mixer = BatchMixer(spec)
-    temperature = distill.temperature if distill is not None else 1.0
     policies = [d.transform.policy for d in parts(train_set) if d.transform is not None]
     streams = RandomStreams(policies[0] if policies else None, loader.generator)
-    history: list[EpochResult] = []
-    update, done = 0, 0
-    state = None
-    if checkpoint is not None:
-        # the newest checkpoint every process has (they may be one apart after a kill)
-        saved = checkpoint.epochs()
-        common = distributed.least(max(saved, default=0))
-        if common and distributed.least(int(common in saved)):
-            state = checkpoint.load(model, optimizer, streams, common)
-    if state is not None:
-        update, done = state["update"], state["epoch"]
-        history = [EpochResult(**row) for row in state["history"]]
-        scheduler.step_update(update)
-        if here.main:
-            log.info("%s: resumed after epoch %d of %d", desc, done, spec.epochs)
-    epochs = Progress(spec.epochs, desc, "epochs", initial=done, enabled=here.main)
-    for epoch in range(done + 1, spec.epochs + 1):
-        start = time.perf_counter()
-        sampler.set_epoch(epoch)
-        trained.train()
-        loss_sum = torch.zeros((), device=device)
-        seen = torch.zeros((), device=device)
-        # batches show on a terminal, and in logs only when an epoch takes minutes
-        batches = f"{desc} epoch {epoch}"
-        for images, targets, kd_weights, teacher_probs in track(
-            loader, steps, batches, "batches", leave=False, min_interval=60, enabled=here.main
-        ):
-            x = images.to(device, non_blocking=True).float()
-            y = targets.to(device, non_blocking=True)
-            k = kd_weights.to(device, non_blocking=True)
-            q = teacher_probs.to(device, non_blocking=True)
-            x, y, k, q = mixer(x, y, k, q)
-            x = x.contiguous(memory_format=memory_format)
-            if on_first_batch is not None and update == 0 and here.main:
-                on_first_batch(x.detach().clamp(0, 255).to(torch.uint8).cpu())
-            with autocast(device, runtime):
-                logits = trained(x)
-                soft = distill.targets(x, q) if distill is not None else None
-            loss = student_loss(logits, y, k, soft, temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            update += 1
-            scheduler.step_update(update)
-            loss_sum += loss.detach() * len(y)  # stays on the device: no host sync per batch
-            seen += len(y)
-        if here.size > 1:  # the loss over the global batch, as one process would report it
-            torch.distributed.all_reduce(loss_sum)
-            torch.distributed.all_reduce(seen)
-        train_loss = float(loss_sum.item() / max(seen.item(), 1))
-        if not here.main:  # rank 0 evaluates, logs and saves; the others only train
-            if checkpoint is not None and checkpoint.due(epoch, spec.epochs):
-                counters = {"epoch": epoch, "update": update, "history": []}
-                checkpoint.save(model, optimizer, streams, counters)
-            continue
-        val_acc = accuracy(classifier, val_loader, val.labels, device, runtime)
-        lr_head, lr_backbone = group_lrs(optimizer)
-        result = EpochResult(
-            epoch, train_loss, val_acc, lr_head, lr_backbone, time.perf_counter() - start
-        )
-        history.append(result)
-        on_epoch(result)
-        if checkpoint is not None and checkpoint.due(epoch, spec.epochs):
-            counters = {"epoch": epoch, "update": update, "history": [asdict(r) for r in history]}
-            checkpoint.save(model, optimizer, streams, counters)
-        epochs.update(1, train_loss=f"{train_loss:.4f}", val_accuracy=f"{val_acc:.4f}")
-    epochs.close()
-    if frozen:
-        unfreeze_backbone(model, frozen)
-    return history
+    return _Loop(
+        model,
+        classifier,
+        trained,
+        loader,
+        sampler,
+        optimizer,
+        scheduler,
+        streams,
+        BatchMixer(spec),
+        memory_format,
+    )
+
+
+def _resume(loop: _Loop, config: FitConfig) -> tuple[list[EpochResult], int]:
+    """The history and the last epoch done of the newest checkpoint every process has (they may
+    be one apart after a kill); nothing and 0 without one."""
+    if config.checkpoint is None:
+        return [], 0
+    saved = config.checkpoint.epochs()
+    common = distributed.least(max(saved, default=0))
+    if not (common and distributed.least(int(common in saved))):
+        return [], 0
+    state = config.checkpoint.load(loop.model, loop.optimizer, loop.streams, common)
+    loop.update = state["update"]
+    loop.scheduler.step_update(loop.update)
+    if distributed.world().main:
+        log.info("%s: resumed after epoch %d of %d", config.desc, state["epoch"], config.spec.epochs)
+    return [EpochResult(**row) for row in state["history"]], state["epoch"]
+
+
+def _train_epoch(loop: _Loop, config: FitConfig, epoch: int) -> float:
+    """One pass over the training set; the mean loss over the global batch."""
+    device, here = config.device, distributed.world()
+    distill = config.distill
+    temperature = distill.temperature if distill is not None else 1.0
+    loop.sampler.set_epoch(epoch)
+    loop.trained.train()
+    loss_sum = torch.zeros((), device=device)
+    seen = torch.zeros((), device=device)
+    # batches show on a terminal, and in logs only when an epoch takes minutes
+    batches = f"{config.desc} epoch {epoch}"
+    for images, targets, kd_weights, teacher_probs in track(
+        loop.loader, len(loop.loader), batches, "batches", leave=False, min_interval=60,
+        enabled=here.main,
+    ):  # fmt: skip
+        x = images.to(device, non_blocking=True).float()
+        y = targets.to(device, non_blocking=True)
+        k = kd_weights.to(device, non_blocking=True)
+        q = teacher_probs.to(device, non_blocking=True)
+        x, y, k, q = loop.mixer(x, y, k, q)
+        x = x.contiguous(memory_format=loop.memory_format)
+        if config.on_first_batch is not None and loop.update == 0 and here.main:
+            config.on_first_batch(x.detach().clamp(0, 255).to(torch.uint8).cpu())
+        with autocast(device, config.runtime):
+            logits = loop.trained(x)
+            soft = distill.targets(x, q) if distill is not None else None
+        loss = student_loss(logits, y, k, soft, temperature)
+        loop.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        loop.optimizer.step()
+        loop.update += 1
+        loop.scheduler.step_update(loop.update)
+        loss_sum += loss.detach() * len(y)  # stays on the device: no host sync per batch
+        seen += len(y)
+    if here.size > 1:  # the loss over the global batch, as one process would report it
+        torch.distributed.all_reduce(loss_sum)
+        torch.distributed.all_reduce(seen)
+    return float(loss_sum.item() / max(seen.item(), 1))
+
+
+def _save(loop: _Loop, config: FitConfig, epoch: int, history: list[dict]) -> None:
+    if config.checkpoint is not None and config.checkpoint.due(epoch, config.spec.epochs):
+        counters = {"epoch": epoch, "update": loop.update, "history": history}
+        config.checkpoint.save(loop.model, loop.optimizer, loop.streams, counters)
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
@@ -193,8 +245,5 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    """Python's, NumPy's and torch's global generators (timm's helper)."""
+    random_seed(seed)

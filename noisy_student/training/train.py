@@ -45,7 +45,7 @@ from noisy_student.models.classifier import (
 from noisy_student.pseudo_labels.labeling import load_pseudo_labels
 from noisy_student.tracking import runs as tracking
 from noisy_student.training import distributed
-from noisy_student.training.loop import EpochResult, fit, seed_everything
+from noisy_student.training.loop import EpochResult, FitConfig, fit, seed_everything
 from noisy_student.training.resume import Checkpoints, MemberCheckpoint, fingerprint
 
 log = logging.getLogger(__name__)
@@ -301,20 +301,18 @@ def train_member(
             metrics["lr_backbone"] = result.lr_backbone
         mlflow.log_metrics(metrics, step=result.epoch)
 
-    history = fit(
-        net,
-        train_set,
-        val,
+    config = FitConfig(
         spec,
         settings.runtime,
         device,
         seed,
-        on_epoch,
-        desc=desc,
+        desc,
         distill=distill,
+        on_epoch=on_epoch,
         on_first_batch=tracking.log_batch_image,
         checkpoint=checkpoint,
     )
+    history = fit(net, train_set, val, config)
     return net, history
 
 
