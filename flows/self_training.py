@@ -39,6 +39,7 @@ from flows.stages import Step, plan
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import PARAMS_FILE, Settings, load_settings
+from noisy_student.evaluation.rounds import rounds_table
 from noisy_student.models.classifier import load_card
 from noisy_student.report import publish, render
 from noisy_student.tracking import registry
@@ -184,21 +185,17 @@ def follow_up_skipped_steps(
 
 def round_table(settings: Settings, layout: Layout) -> list[dict[str, Any]]:
     """Per model: test accuracy (metrics.json) and the pseudo-labels it was trained on."""
-    accuracy = json.loads(layout.metrics.read_text())
+    rounds = rounds_table(settings, layout, json.loads(layout.metrics.read_text()))
     rows = []
-    for round_, name in enumerate(settings.model_names()):
+    for r in rounds.to_dict("records"):
         row: dict[str, Any] = {
-            "round": round_,
-            "model": name,
-            "architecture": load_card(layout.model(name)).model,
-            "test_accuracy": round(accuracy[name]["test_accuracy"], 4),
-            "pseudo_labels_kept": None,
+            "round": r["round"],
+            "model": r["model"],
+            "architecture": r["architecture"],
+            "test_accuracy": round(r["test_accuracy"], 4),
+            "pseudo_labels_kept": None if r["kept_per_class"] is None else int(r["kept"]),
         }
-        summary_file = layout.pseudo_summary(name)
-        if round_ > 0 and summary_file.exists():
-            summary = json.loads(summary_file.read_text())
-            row["pseudo_labels_kept"] = summary["kept"]
-            row.update({f"kept {c}": n for c, n in summary["kept_per_class"].items()})
+        row.update({f"kept {c}": n for c, n in (r["kept_per_class"] or {}).items()})
         rows.append(row)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     return [{key: row.get(key) for key in columns} for row in rows]  # the same columns in each

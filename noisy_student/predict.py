@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from noisy_student.core import cli
@@ -28,7 +27,12 @@ from noisy_student.core.progress import Progress
 from noisy_student.core.settings import Settings
 from noisy_student.data.images import list_images, read_image
 from noisy_student.models.classifier import load_checkpoint, resolve_device
-from noisy_student.models.inference import EVAL_BATCH_SIZE, autocast, device_memory_format
+from noisy_student.models.inference import (
+    EVAL_BATCH_SIZE,
+    autocast,
+    device_memory_format,
+    probability_table,
+)
 
 log = logging.getLogger(__name__)
 PREDICTIONS_FILE = Path("predictions.csv")
@@ -56,15 +60,6 @@ def batches(paths: list[Path], size: int, batch_size: int) -> Iterator[np.ndarra
     a folder of any size streams."""
     for start in range(0, len(paths), batch_size):
         yield np.stack([read_image(p, size) for p in paths[start : start + batch_size]])
-
-
-def rows(probs: torch.Tensor, ids: list[str], classes: list[str]) -> pd.DataFrame:
-    confidence, pred = probs.max(dim=1)
-    table = pd.DataFrame(
-        {"id": ids, "class": [classes[i] for i in pred.tolist()], "confidence": confidence.numpy()}
-    )
-    columns = pd.DataFrame(probs.numpy(), columns=[f"p_{c}" for c in classes])
-    return pd.concat([table, columns], axis=1)
 
 
 def predict(
@@ -99,7 +94,7 @@ def predict(
             x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
             with autocast(device, settings.runtime):
                 probs = classifier.probs(x.contiguous(memory_format=memory_format)).float().cpu()
-            table = rows(probs, ids[start : start + len(images)], card.classes)
+            table = probability_table(probs, ids[start : start + len(images)], card.classes, "class")
             # streamed: only one batch's rows are ever in memory
             table.to_csv(tmp, mode="a", header=start == 0, index=False, float_format="%.6g")
             for name, n in table["class"].value_counts().items():

@@ -20,12 +20,14 @@ from noisy_student.core.atomic import atomic_path, write_text
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import Settings
 from noisy_student.data.splits import Split, load_split
+from noisy_student.evaluation.rounds import comparison_markdown, rounds_table
 from noisy_student.models.classifier import Classifier, load_checkpoint, resolve_device
 from noisy_student.models.inference import (
     EVAL_BATCH_SIZE,
     accuracy,
     eval_loader,
     iter_probabilities,
+    probability_table,
 )
 from noisy_student.tracking import runs as tracking
 
@@ -35,38 +37,11 @@ log = logging.getLogger(__name__)
 def predictions_table(probs: torch.Tensor, test: Split, classes: list[str]) -> pd.DataFrame:
     """One row per test image: the true and the predicted class by name, and the confidence
     (DVC's ``confusion`` template reads ``actual`` and ``predicted``)."""
-    confidence, pred = probs.max(dim=1)
-    return pd.DataFrame(
-        {
-            "id": test.ids,
-            "actual": [classes[i] for i in test.labels.tolist()],
-            "predicted": [classes[i] for i in pred.tolist()],
-            "confidence": confidence.numpy(),
-        }
-    )
+    table = probability_table(probs, test.ids, classes, "predicted", with_probs=False)
+    table.insert(1, "actual", [classes[i] for i in test.labels.tolist()])
+    return table
 
 
-def comparison_table(settings: Settings, metrics: dict, layout: Layout) -> str:
-    teacher_acc = metrics["teacher"]["test_accuracy"]
-    lines = [
-        "| model | architecture | pseudo-labels kept | kept correct | test accuracy | vs teacher |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in settings.model_names():
-        m = metrics[name]
-        kept = correct = "-"
-        summary_path = layout.pseudo_summary(name)
-        if name != "teacher" and summary_path.exists():
-            summary = json.loads(summary_path.read_text())
-            kept = f"{summary['kept']}/{summary['pool_images']}"
-            if summary.get("kept_accuracy") is not None:
-                correct = f"{100 * summary['kept_accuracy']:.1f}%"
-        delta = "" if name == "teacher" else f"{100 * (m['test_accuracy'] - teacher_acc):+.1f} pts"
-        lines.append(
-            f"| {name} | {m['model']} | {kept} | {correct} | "
-            f"{100 * m['test_accuracy']:.1f}% | {delta} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 def evaluate(
@@ -94,7 +69,7 @@ def evaluate(
                     member_acc = accuracy(alone, loader, test.labels, device, settings.runtime)
                     metrics[name][f"member_{k}_test_accuracy"] = member_acc
                     tracking.log_test_accuracy(settings.mlflow, member.mlflow_run_id, member_acc)
-    table = comparison_table(settings, metrics, layout)
+    table = comparison_markdown(rounds_table(settings, layout, metrics))
     # metrics.json holds numbers only, so `dvc metrics diff` compares every entry
     numbers = {
         name: {k: v for k, v in m.items() if k.endswith("test_accuracy")}

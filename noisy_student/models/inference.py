@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
@@ -80,3 +81,28 @@ def device_memory_format(device: torch.device, runtime: RuntimeSettings) -> torc
     if runtime.channels_last and device.type == "cuda":
         return torch.channels_last
     return torch.contiguous_format
+
+
+def probability_table(
+    probs: torch.Tensor,
+    ids: list[str],
+    classes: list[str],
+    class_column: str,
+    *,
+    index_column: str | None = None,
+    with_probs: bool = True,
+) -> pd.DataFrame:
+    """One row per image: ``id``, the predicted class's index (``index_column``, if named) and
+    name (``class_column``), ``confidence``, and ``p_<class>`` for every class (``with_probs``).
+    The one place model outputs become a table: pseudo-labels, test predictions, predict."""
+    confidence, pred = probs.max(dim=1)
+    columns: dict = {"id": ids}
+    if index_column is not None:
+        columns[index_column] = pred.numpy()
+    columns[class_column] = [classes[i] for i in pred.tolist()]
+    columns["confidence"] = confidence.numpy()
+    table = pd.DataFrame(columns)
+    if not with_probs:
+        return table
+    spread = pd.DataFrame(probs.numpy(), columns=[f"p_{c}" for c in classes])
+    return pd.concat([table, spread], axis=1)

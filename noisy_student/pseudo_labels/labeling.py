@@ -37,7 +37,7 @@ from noisy_student.core.progress import Progress
 from noisy_student.core.settings import PseudoLabelSettings, Settings
 from noisy_student.data.splits import UNKNOWN, Split, load_classes, load_split
 from noisy_student.models.classifier import load_checkpoint, resolve_device
-from noisy_student.models.inference import eval_loader, iter_probabilities
+from noisy_student.models.inference import eval_loader, iter_probabilities, probability_table
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 50_000  # rows per pass when the table is rewritten with its `copies` column
@@ -46,18 +46,9 @@ CHUNK_ROWS = 50_000  # rows per pass when the table is rewritten with its `copie
 def label_rows(
     probs: torch.Tensor, ids: list[str], classes: list[str], threshold: float
 ) -> pd.DataFrame:
-    confidence, pred = probs.max(dim=1)
-    table = pd.DataFrame(
-        {
-            "id": ids,
-            "pred": pred.numpy(),
-            "pred_class": [classes[i] for i in pred.tolist()],
-            "confidence": confidence.numpy(),
-            "kept": (confidence >= threshold).numpy(),
-        }
-    )
-    columns = pd.DataFrame(probs.numpy(), columns=[f"p_{c}" for c in classes])
-    return pd.concat([table, columns], axis=1)
+    table = probability_table(probs, ids, classes, "pred_class", index_column="pred")
+    table.insert(table.columns.get_loc("confidence") + 1, "kept", table["confidence"] >= threshold)
+    return table
 
 
 def balance_copies(

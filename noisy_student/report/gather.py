@@ -15,7 +15,7 @@ from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import Settings
 from noisy_student.data.splits import UNKNOWN, load_classes
-from noisy_student.models.classifier import load_card
+from noisy_student.evaluation.rounds import rounds_table
 
 SIGNIFICANCE = 0.05  # McNemar p below this: a round's change is more than the test set's noise
 
@@ -65,22 +65,19 @@ def verdict(delta: float, p_value: float) -> str:
 
 
 def round_rows(
-    settings: Settings,
-    metrics: dict,
-    predictions: dict[str, pd.DataFrame],
-    summaries: dict[str, dict],
-    architectures: dict[str, str],
-    registry: dict,
+    rounds: pd.DataFrame, predictions: dict[str, pd.DataFrame], registry: dict
 ) -> pd.DataFrame:
+    """The rounds table (evaluation/rounds.py) with each student against the model before it
+    (McNemar's test on the test images) and the registry's versions."""
     versions = {m["model"]: m["version"] for m in registry.get("models", [])}
+    records = rounds.to_dict("records")
     rows = []
-    names = settings.model_names()
-    for round_, name in enumerate(names):
-        acc = metrics[name]["test_accuracy"]
+    for r in records:
+        name, acc = r["model"], r["test_accuracy"]
         row: dict = {
-            "round": round_,
+            "round": r["round"],
             "model": name,
-            "architecture": architectures[name],
+            "architecture": r["architecture"],
             "test_accuracy": acc,
             "vs_previous": math.nan,
             "vs_teacher": math.nan,
@@ -94,26 +91,24 @@ def round_rows(
             "kept_accuracy": math.nan,
             "registry_version": versions.get(name),
         }
-        if round_ > 0:
-            previous = names[round_ - 1]
+        if r["round"] > 0:
+            previous = records[r["round"] - 1]
             right = (predictions[name]["actual"] == predictions[name]["predicted"]).to_numpy()
-            before = predictions[previous]
+            before = predictions[previous["model"]]
             previous_right = (before["actual"] == before["predicted"]).to_numpy()
             gained, lost, p_value = mcnemar(previous_right, right)
-            delta = acc - metrics[previous]["test_accuracy"]
-            summary = summaries[name]
-            kept_accuracy = summary.get("kept_accuracy")
+            delta = acc - previous["test_accuracy"]
             row.update(
                 vs_previous=delta,
-                vs_teacher=acc - metrics["teacher"]["test_accuracy"],
+                vs_teacher=acc - records[0]["test_accuracy"],
                 gained=gained,
                 lost=lost,
                 p_value=p_value,
                 verdict=verdict(delta, p_value),
-                kept=summary["kept"],
-                pool_images=summary["pool_images"],
-                kept_fraction=summary["kept_fraction"],
-                kept_accuracy=math.nan if kept_accuracy is None else kept_accuracy,
+                kept=int(r["kept"]),
+                pool_images=int(r["pool_images"]),
+                kept_fraction=r["kept_fraction"],
+                kept_accuracy=r["kept_accuracy"],
             )
         rows.append(row)
     return pd.DataFrame(rows)
@@ -129,7 +124,6 @@ def gather(settings: Settings, layout: Layout) -> Inputs:
         raise PipelineError(f"{metrics_file}: no test accuracy for {missing}; run evaluate again")
     registry = _read_json(registry_file, "evaluate")
     classes = load_classes(data_dir)
-    architectures = {name: load_card(layout.model(name)).model for name in names}
 
     histories: dict[str, pd.DataFrame] = {}
     for name in names:
@@ -161,5 +155,5 @@ def gather(settings: Settings, layout: Layout) -> Inputs:
             raise PipelineError(f"{pseudo_dir / student}.csv: rows do not match the prepared pool")
         table["correct"] = table["pred"].to_numpy() == truth if truth_known else np.nan
         pseudo[student] = table
-    rounds = round_rows(settings, metrics, predictions, summaries, architectures, registry)
+    rounds = round_rows(rounds_table(settings, layout, metrics), predictions, registry)
     return Inputs(rounds, histories, pseudo, summaries, predictions, classes, registry)

@@ -10,13 +10,21 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from noisy_student.core.errors import PipelineError
+from noisy_student.core.layout import Layout
 from noisy_student.core.settings import Settings
-from noisy_student.data.prepare import prepare, resize_rgb, split_digits
+from noisy_student.data.images import resize_rgb
+from noisy_student.data.prepare import prepare, split_digits
 from noisy_student.data.splits import UNKNOWN, load_classes, load_split
+from tests.helpers.images import write_image_folders
 
 
 def settings_from(params) -> Settings:
     return Settings.model_validate(params)
+
+
+def into(folder) -> Layout:
+    """A layout whose prepared data goes to ``folder``."""
+    return Layout.at(folder.parent).replace(prepared=folder)
 
 
 def test_digit_splits_are_disjoint_stratified_and_seeded(params):
@@ -42,7 +50,7 @@ def test_too_many_labels_per_class_is_an_error(params):
 
 def test_prepare_digits_writes_every_split(tmp_path, tiny_params):
     settings = settings_from(tiny_params)
-    counts = prepare(settings, tmp_path / "prepared")
+    counts = prepare(settings, into(tmp_path / "prepared"))
     root = tmp_path / "prepared"
     assert load_classes(root) == [str(i) for i in range(10)]
     assert sum(counts.values()) == 1797
@@ -62,31 +70,6 @@ def test_resize_rgb_handles_gray_and_any_size():
     assert resize_rgb(big, 24).shape == (24, 24, 3)
 
 
-def write_image_folders(root, images_per_class=4, pool=10):
-    """Real digits saved as PNG/JPEG files in the folder layout users bring."""
-    digits = load_digits()
-    rng = np.random.default_rng(0)
-    for split, count in (("labeled", images_per_class), ("test", images_per_class)):
-        for cls in (0, 1, 2):
-            folder = root / split / f"class_{cls}"
-            folder.mkdir(parents=True)
-            for k, i in enumerate(
-                rng.choice(np.flatnonzero(digits.target == cls), count, replace=False)
-            ):
-                pixels = (digits.images[i] * 15).astype(np.uint8)
-                suffix = ".png" if k % 2 else ".jpg"
-                Image.fromarray(pixels).save(folder / f"{split}_{cls}_{k}{suffix}")
-    nested = root / "pool" / "batch one" / "ünïcode"
-    nested.mkdir(parents=True)
-    for k, i in enumerate(rng.choice(len(digits.target), pool, replace=False)):
-        rgba = np.dstack(
-            [(digits.images[i] * 15).astype(np.uint8)] * 3 + [np.full((8, 8), 255, np.uint8)]
-        )
-        Image.fromarray(rgba).save(nested / f"pool_{k}.png")
-    (nested / "notes.txt").write_text("not an image")
-    return root
-
-
 def folder_params(params, root):
     params["data"].update(
         source="folders",
@@ -102,7 +85,7 @@ def folder_params(params, root):
 def test_prepare_folders_reads_png_jpeg_gray_rgba_nested(tmp_path, tiny_params):
     root = write_image_folders(tmp_path / "images")
     settings = settings_from(folder_params(tiny_params, root))
-    counts = prepare(settings, tmp_path / "prepared")
+    counts = prepare(settings, into(tmp_path / "prepared"))
     assert load_classes(tmp_path / "prepared") == ["class_0", "class_1", "class_2"]
     assert counts["labeled"] == 12 and counts["unlabeled"] == 10
     assert counts["val"] == 3 and counts["test"] == 9  # val carved out of test_dir
@@ -116,7 +99,7 @@ def test_test_class_missing_from_labeled_is_an_error(tmp_path, tiny_params):
     (root / "test" / "class_9").mkdir()
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "test" / "class_9" / "x.png")
     with pytest.raises(PipelineError, match=r"\['class_9'\] do not exist in data.labeled_dir"):
-        prepare(settings_from(folder_params(tiny_params, root)), tmp_path / "prepared")
+        prepare(settings_from(folder_params(tiny_params, root)), into(tmp_path / "prepared"))
     assert not (tmp_path / "prepared").exists()
 
 
@@ -125,5 +108,5 @@ def test_corrupt_image_names_the_file(tmp_path, tiny_params):
     bad = root / "labeled" / "class_1" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(PipelineError, match="broken.png: cannot read as an image"):
-        prepare(settings_from(folder_params(tiny_params, root)), tmp_path / "prepared")
+        prepare(settings_from(folder_params(tiny_params, root)), into(tmp_path / "prepared"))
     assert not (tmp_path / "prepared").exists()

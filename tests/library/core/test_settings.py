@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, venv_env, write_params
 
 from noisy_student.core.errors import PipelineError
+from noisy_student.core.layout import Layout
 from noisy_student.core.settings import Settings, apply_overrides, load_settings
+from tests.conftest import ROOT, venv_env, write_params
 
 
 def test_shipped_params_validate():
@@ -97,11 +98,11 @@ def test_overrides_leave_the_original_untouched(params):
 def test_cli_prints_one_line_and_exits_non_zero(tmp_path, params):
     params["pseudo_label"]["threshold"] = 2
     bad = write_params(tmp_path / "bad.yaml", params)
-    out = tmp_path / "prepared"
+    # the stage runs in an empty project folder: what it would write lands under tmp_path
     result = subprocess.run(
-        [sys.executable, "-m", "noisy_student.data.prepare", "--params", str(bad), "--out", str(out)],
-        cwd=ROOT,
-        env=venv_env(),
+        [sys.executable, "-m", "tasks.prepare", "--params", str(bad)],
+        cwd=tmp_path,
+        env={**venv_env(), "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
     )
@@ -111,4 +112,5 @@ def test_cli_prints_one_line_and_exits_non_zero(tmp_path, params):
         f"error: {bad}: pseudo_label.threshold: Input should be less than or equal to 1, got 2"
     ]
     assert "Traceback" not in result.stderr
-    assert not out.exists()  # stopped before any work
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # stopped before any work
+    assert not Layout.at(tmp_path).prepared.exists()

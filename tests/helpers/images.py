@@ -1,0 +1,47 @@
+"""Image folders laid out as users bring them (the `folders` data source), from real digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+
+
+def write_image_folders(root: Path, images_per_class: int = 4, pool: int = 10) -> Path:
+    """Real digits saved as PNG/JPEG files in the folder layout users bring."""
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    for split, count in (("labeled", images_per_class), ("test", images_per_class)):
+        for cls in (0, 1, 2):
+            folder = root / split / f"class_{cls}"
+            folder.mkdir(parents=True)
+            for k, i in enumerate(
+                rng.choice(np.flatnonzero(digits.target == cls), count, replace=False)
+            ):
+                pixels = (digits.images[i] * 15).astype(np.uint8)
+                suffix = ".png" if k % 2 else ".jpg"
+                Image.fromarray(pixels).save(folder / f"{split}_{cls}_{k}{suffix}")
+    nested = root / "pool" / "batch one" / "ünïcode"
+    nested.mkdir(parents=True)
+    for k, i in enumerate(rng.choice(len(digits.target), pool, replace=False)):
+        rgba = np.dstack(
+            [(digits.images[i] * 15).astype(np.uint8)] * 3 + [np.full((8, 8), 255, np.uint8)]
+        )
+        Image.fromarray(rgba).save(nested / f"pool_{k}.png")
+    (nested / "notes.txt").write_text("not an image")
+    return root
+
+
+def folder_params(params: dict[str, Any], root: Path) -> dict[str, Any]:
+    params["data"].update(
+        source="folders",
+        labeled_dir=str(root / "labeled"),
+        unlabeled_dir=str(root / "pool"),
+        test_dir=str(root / "test"),
+        val_dir=None,
+        val_fraction=0.25,
+    )
+    return params
