@@ -58,9 +58,7 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
 
 
 @task(cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_bad_input)
-def run_step(
-    project: DvcProject, step: Step, settings: Settings, layout: Layout, parent
-) -> str:
+def run_step(project: DvcProject, step: Step, settings: Settings, layout: Layout, parent) -> str:
     """One dvc.yaml stage: skipped if up to date, else restored from the run-cache, else run."""
     outcome = project.run(step.stage, lambda: step.call(settings, layout, parent))
     get_run_logger().info("%s: %s", step.stage, outcome.value)

@@ -1,10 +1,10 @@
 """Sharded pseudo-labeling on Dask: the pool's shards labeled in parallel, then merged.
 
 The same functions as the pseudo_label stage (label_shard, merge_shards, in
-noisy_student/pseudo_labels/labeling.py), run as Prefect tasks by prefect-dask's DaskTaskRunner: on a local cluster of
-``flow.dask_workers`` processes, or on the running scheduler at ``flow.dask_address``. Shards are
-whole batches, so the merged table is the one a single process writes, byte for byte.
-"""
+noisy_student/pseudo_labels/labeling.py), run as Prefect tasks by prefect-dask's DaskTaskRunner: on
+a local cluster of ``flow.dask_workers`` processes, or on the running scheduler at
+``flow.dask_address``. Shards are whole batches, so the merged table is the one a single process
+writes, byte for byte."""
 
 from __future__ import annotations
 

@@ -46,7 +46,9 @@ def dag_order(names: list[str], edges: list[tuple[str, str]]) -> list[str]:
     while len(order) < len(names):
         ready = [n for n in names if n not in order and upstream[n] <= set(order)]
         if not ready:
-            raise PipelineError(f"dvc.yaml: the stages {sorted(set(names) - set(order))} form a cycle")
+            raise PipelineError(
+                f"dvc.yaml: the stages {sorted(set(names) - set(order))} form a cycle"
+            )
         order.append(ready[0])
     return order
 

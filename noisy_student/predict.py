@@ -1,11 +1,11 @@
 """Classify a folder of images with a trained model; one CSV row per image.
 
-    python -m noisy_student.predict my_photos/                       # the final model (last student)
+    python -m noisy_student.predict my_photos/                   # the final model (last student)
     python -m noisy_student.predict my_photos/ --model student_1 --out student_1.csv
 
 Images are found at any depth and read exactly as the prepare stage reads the user's folders
-(noisy_student.data.images.list_images / read_image: any format Pillow opens, gray/RGBA/16-bit to 8-bit RGB,
-resized to the model's image_size). The CSV (default ``predictions.csv``) has ``id`` (the path
+(data.images.list_images / read_image: any format Pillow opens, gray/RGBA/16-bit to 8-bit
+RGB, resized to the model's image_size). The CSV (default ``predictions.csv``) has ``id`` (the path
 under the folder), ``class``, ``confidence`` (the top probability) and ``p_<class>`` for every
 class; it is written under a temporary name and renamed, so it is whole or absent.
 """
@@ -94,7 +94,9 @@ def predict(
             x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
             with autocast(device, settings.runtime):
                 probs = classifier.probs(x.contiguous(memory_format=memory_format)).float().cpu()
-            table = probability_table(probs, ids[start : start + len(images)], card.classes, "class")
+            table = probability_table(
+                probs, ids[start : start + len(images)], card.classes, "class"
+            )
             # streamed: only one batch's rows are ever in memory
             table.to_csv(tmp, mode="a", header=start == 0, index=False, float_format="%.6g")
             for name, n in table["class"].value_counts().items():

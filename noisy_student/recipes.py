@@ -1,8 +1,8 @@
 """Copyable recipes: a file of params.yaml changes (dotted keys), run as a DVC experiment.
 
-    python -m noisy_student.recipes configs/distillation.yaml          # dvc exp run -n distillation -S
-    python -m noisy_student.recipes configs/distillation.yaml --print  # that command, not run
-    python -m noisy_student.recipes configs/distillation.yaml --json   # the changes as one JSON object:
+    python -m noisy_student.recipes configs/distillation.yaml         # dvc exp run -n ... -S ...
+    python -m noisy_student.recipes configs/distillation.yaml --print # that command, not run
+    python -m noisy_student.recipes configs/distillation.yaml --json  # the changes as JSON:
         prefect deployment run 'self-training/demo' --param overrides="$(...)"
 
 A recipe holds only what it changes, e.g. ``distill.enabled: true``; the changes are checked

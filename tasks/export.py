@@ -1,7 +1,7 @@
 """Stage `export`: the final student as an ONNX model, checked against PyTorch before it is kept.
 
-    python -m tasks.export                     # models/<last student> -> exports/final.onnx
-    python -m tasks.export --model student_1   # -> exports/student_1.onnx
+python -m tasks.export                     # models/<last student> -> exports/final.onnx
+python -m tasks.export --model student_1   # -> exports/student_1.onnx
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ def run(
 def main() -> None:
     p = cli.parser(__doc__)
     p.add_argument("--model", default=None, help="teacher, student_1, ... (default: the last)")
-    p.add_argument("--out", default=None, help="default: exports/final.onnx, or exports/<model>.onnx")
+    p.add_argument(
+        "--out", default=None, help="default: exports/final.onnx, or exports/<model>.onnx"
+    )
     args = p.parse_args()
     out = Path(args.out) if args.out else None
     cli.run(lambda args, settings: run(settings, Layout.at(), args.model, out), args)

@@ -1,6 +1,6 @@
 """Stage `pseudo_label`: the round's teacher labels the whole unlabeled pool.
 
-    python -m tasks.pseudo_label student_1     # labels for student_1, made by its teacher
+python -m tasks.pseudo_label student_1     # labels for student_1, made by its teacher
 """
 
 from __future__ import annotations

@@ -25,12 +25,6 @@ from noisy_student.data.splits import SPLITS, UNKNOWN
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
 def write_split(
     folder: Path,
     images: Iterable[np.ndarray],
@@ -97,8 +91,6 @@ def prepare_digits(data: DataSettings, seed: int, out: Path) -> list[str]:
         images = (resize_rgb(pixels[i], data.image_size) for i in idx)
         write_split(out / name, images, len(idx), data.image_size, index, desc=name)
     return classes
-
-
 
 
 def class_folders(root: Path, key: str) -> dict[str, list[Path]]:
@@ -181,7 +173,7 @@ def prepare_folders(data: DataSettings, seed: int, out: Path) -> list[str]:
 
 
 def prepare(settings: Settings, layout: Layout) -> dict[str, int]:
-    """Write every split under ``layout.prepared`` (atomically); return the image count per split."""
+    """Write every split under ``layout.prepared`` (atomically); return the images per split."""
     data = settings.data
     with atomic_path(layout.prepared) as staged:
         staged.mkdir()

@@ -86,8 +86,8 @@ class TrainingImages(ImageDataset):
     towards, already scaled by that term's weight; ``kd_weights[i]`` is the weight of the
     distillation term (0 without a teacher); ``teacher_probs[i]`` is the teacher's distribution at
     temperature T on the clean image when it was computed ahead (an empty row otherwise). All mix
-    linearly under MixUp/CutMix (noisy_student/losses/mixing.py), so the trainer needs to know nothing about
-    where an item came from."""
+    linearly under MixUp/CutMix (noisy_student/losses/mixing.py), so the trainer needs to know
+    nothing about where an item came from."""
 
     def __init__(
         self,

@@ -42,8 +42,6 @@ def predictions_table(probs: torch.Tensor, test: Split, classes: list[str]) -> p
     return table
 
 
-
-
 def evaluate(
     settings: Settings,
     layout: Layout,
@@ -79,7 +77,3 @@ def evaluate(
     write_text(layout.comparison, f"# Test accuracy per round ({len(test)} test images)\n\n{table}")
     log.info("\n%s", table)
     return metrics
-
-
-
-

@@ -9,12 +9,11 @@ the item's target row y (scaled by its cross-entropy weight) and distillation we
 - pool item, distillation on:     y = 0,                    k = 1       (the KL term alone)
 - distillation off:               y = label or pseudo-label, k = 0      (plain Noisy Student)
 
-T^2 keeps the soft term's gradients the size of the hard term's as T grows (the softened
-gradients shrink as 1 / T^2). Both terms are linear in (y, k), so MixUp/CutMix mix them as they mix
-the images (noisy_student/losses/mixing.py). The teacher is frozen and runs without autograd: gradients reach the
-student only. It sees either the clean images (computed once, Noisy Student's un-noised teacher)
-or the student's own augmented view (Beyer et al. 2022): ``distill.teacher_input``.
-"""
+T^2 keeps the soft term's gradients the size of the hard term's as T grows (the softened gradients
+shrink as 1 / T^2). Both terms are linear in (y, k), so MixUp/CutMix mix them as they mix the images
+(noisy_student/losses/mixing.py). The teacher is frozen and runs without autograd: gradients reach
+the student only. It sees either the clean images (computed once, Noisy Student's un-noised teacher)
+or the student's own augmented view (Beyer et al. 2022): ``distill.teacher_input``."""
 
 from __future__ import annotations
 
@@ -57,7 +56,7 @@ def student_loss(
 
 
 class FrozenTeacher:
-    """A trained model (noisy_student.models.classifier.Classifier) used only for its soft targets."""
+    """A trained model (models.classifier.Classifier) used only for its soft targets."""
 
     def __init__(self, classifier: torch.nn.Module) -> None:
         self.classifier = classifier.eval()

@@ -53,8 +53,8 @@ def iter_probabilities(
     """Softmax probabilities at ``temperature`` (float32, on the CPU) batch by batch, so a pool
     of any size streams.
 
-    ``classifier`` takes pixels 0..255 (noisy_student.models.classifier.Classifier); an ensemble's probabilities are
-    its members' average."""
+    ``classifier`` takes pixels 0..255 (models.classifier.Classifier); an ensemble's
+    probabilities are its members' average."""
     classifier.eval()
     memory_format = device_memory_format(device, runtime)
     for images in loader:

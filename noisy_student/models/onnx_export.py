@@ -1,6 +1,4 @@
-"""Stage `export`: the final student as an ONNX model, checked against PyTorch before it is kept.
-
-    python -m noisy_student.models.onnx_export            # models/<last student> -> exports/final.onnx
+"""A model as an ONNX file, checked against PyTorch before it is kept (the export stage).
 
 The ONNX graph takes what the PyTorch model takes: float32 pixels 0..255, N x 3 x H x W (any N;
 H = W = the model card's image_size), input ``pixels``, and returns ``logits`` (N x classes); the
@@ -11,7 +9,7 @@ class names and image size ride along in the model's metadata (``classes``, a JS
     logits = sess.run(None, {"pixels": images.astype("float32")})[0]
 
 Exported with ``torch.onnx.export(dynamo=True)``: torch.export's graph (the same capture as the
-MLflow model, tasks/tracking.log_model), translated by onnxscript; the TorchScript exporter is
+MLflow model, tracking.runs.log_model), translated by onnxscript; the TorchScript exporter is
 deprecated in torch 2.x. Before the file replaces the previous one, ONNX Runtime runs it on
 validation images, one and several at a time, and its logits must match PyTorch's.
 """

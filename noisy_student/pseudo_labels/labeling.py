@@ -1,6 +1,4 @@
-"""Stage `pseudo_label`: the round's teacher labels the whole unlabeled pool.
-
-    python -m noisy_student.pseudo_labels.labeling student_1     # labels for student_1, made by its teacher
+"""Pseudo-labeling: the round's teacher labels the whole unlabeled pool (the pseudo_label stage).
 
 Writes ``pseudo_labels/<student>.csv``, one row per pool image: ``id``, ``pred`` (class index),
 ``pred_class``, ``confidence``, ``kept`` (in the student's training set), ``copies`` (how many

@@ -1,11 +1,10 @@
 """Data-parallel training with PyTorch DDP, launched by ``torchrun``.
 
 ``runtime.devices`` processes per machine on ``runtime.nodes`` machines: a training stage started
-the usual way (``python -m noisy_student.training.train ...``, ``dvc repro``, the Prefect flow) starts itself again
-under torchrun when that is more than one. torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR/PORT) then tells each process its place; rank 0 alone writes artifacts and logs to
-MLflow. Backend: NCCL on GPUs, gloo on the CPU.
-"""
+the usual way (``python -m tasks.train_student ...``, ``dvc repro``, the Prefect flow) starts itself
+again under torchrun when that is more than one. torchrun's environment (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR/PORT) then tells each process its place; rank 0 alone writes artifacts and
+logs to MLflow. Backend: NCCL on GPUs, gloo on the CPU."""
 
 from __future__ import annotations
 

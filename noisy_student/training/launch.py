@@ -1,4 +1,4 @@
-"""A training in this process, or in ``runtime.devices x runtime.nodes`` processes under torchrun."""
+"""A training here, or in ``runtime.devices x runtime.nodes`` processes under torchrun."""
 
 from __future__ import annotations
 

@@ -187,7 +187,9 @@ def _resume(loop: _Loop, config: FitConfig) -> tuple[list[EpochResult], int]:
     loop.update = state["update"]
     loop.scheduler.step_update(loop.update)
     if distributed.world().main:
-        log.info("%s: resumed after epoch %d of %d", config.desc, state["epoch"], config.spec.epochs)
+        log.info(
+            "%s: resumed after epoch %d of %d", config.desc, state["epoch"], config.spec.epochs
+        )
     return [EpochResult(**row) for row in state["history"]], state["epoch"]
 
 

@@ -1,11 +1,5 @@
-"""Stage `train`: the teacher on the labeled set, or a round's student on labeled + pseudo-labels.
-
-    python -m noisy_student.training.train --name teacher
-    python -m noisy_student.training.train --name student_1
-
-dvc.yaml also passes the round's other settings (``${item}`` unpacks to ``--model ... --lr ...``)
-so that DVC reruns exactly the rounds whose entry changed; they are read from params.yaml, and
-the command-line copies are only checked against it.
+"""Training one model: the teacher on the labeled set, or a round's student on labeled +
+pseudo-labels (the train_teacher and train_student stages).
 
 The teacher may be an ensemble (``teacher.ensemble``): each member trains in turn, with its own
 seed and MLflow run nested under the teacher's, and all of them are saved as one model.
@@ -17,7 +11,8 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -84,7 +79,7 @@ def training_items(
     layout: Layout,
     clean_teacher: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> tuple[Dataset, int]:
-    """Items with their targets and distillation weights (see noisy_student/losses/distill.py), and how many
+    """Items with their targets and distillation weights (see losses/distill.py), and how many
     come from the labeled set. ``clean_teacher(images, rows)``: the teacher's distribution at T on
     clean images, carried by the items when distillation uses it. The caller attaches the
     transform."""
@@ -122,6 +117,34 @@ def attach_transform(dataset: Dataset, transform: TrainTransform) -> None:
         part.transform = transform
 
 
+@dataclass
+class Job:
+    """One model's training, everything settled before the first epoch."""
+
+    name: str
+    round: int
+    role: str  # teacher | student
+    spec: ModelTraining
+    seed: int
+    architectures: list[str]  # one network, or an ensemble teacher's members
+    classes: list[str]
+    train_set: Dataset
+    labeled_count: int
+    params: dict  # what MLflow records
+    tags: dict[str, str]
+    checkpoints: Checkpoints
+    fit_member: Callable[..., tuple[torch.nn.Module, list[EpochResult]]]
+
+    @property
+    def labels(self) -> list[str]:
+        if len(self.architectures) == 1:
+            return [self.name]
+        return [f"{self.name}.member_{k}" for k in range(len(self.architectures))]
+
+    def member_seed(self, k: int) -> int:
+        return self.seed + MEMBER_SEED_STRIDE * k
+
+
 def train(
     settings: Settings,
     name: str,
@@ -131,9 +154,23 @@ def train(
 ) -> list[EpochResult]:
     """Train model ``name`` (``teacher`` or ``student_<r>``) and write ``models/<name>``.
 
-    A training killed part-way resumes from its last checkpoint under ``layout.checkpoints``, in the
-    same MLflow run. ``parent``: the orchestrator's MLflow run, under which this one is nested.
+    A training killed part-way resumes from its last checkpoint under ``layout.checkpoints``, in
+    the same MLflow run. ``parent``: the orchestrator's MLflow run, under which this one is nested.
     """
+    job = plan_job(settings, name, layout)
+    here = distributed.world()
+    if not here.main:  # the other processes of a DDP run: train alongside rank 0, write nothing
+        for k, (architecture, label) in enumerate(zip(job.architectures, job.labels, strict=True)):
+            checkpoint = job.checkpoints.member(f"{label}.rank{here.rank}")
+            job.fit_member(architecture, job.member_seed(k), label, checkpoint)
+        return []
+    history = train_logged(settings, job, layout, parent)
+    job.checkpoints.clear()
+    return history
+
+
+def plan_job(settings: Settings, name: str, layout: Layout) -> Job:
+    """The recipe, the training items, the MLflow params and the checkpoints of model ``name``."""
     if name not in settings.model_names():
         known = ", ".join(settings.model_names())
         raise PipelineError(f"unknown model '{name}' (params.yaml defines: {known})")
@@ -142,108 +179,123 @@ def train(
     role = "teacher" if round_ == 0 else "student"
     seed = settings.seed + round_
     architectures = [spec.model, *(settings.teacher.ensemble if round_ == 0 else [])]
-
-    data_dir = layout.prepared
-    classes = load_classes(data_dir)
-    val = load_split("val", data_dir)
+    classes = load_classes(layout.prepared)
     device = resolve_device(settings.runtime)
-    distill, clean_teacher = None, None
-    if round_ > 0 and settings.distill.enabled:
-        kd = settings.distill
-        teacher = FrozenTeacher(load_checkpoint(layout.model(settings.student(name).teacher))[0])
-        if kd.teacher_input == "augmented":
-            distill = Distillation(kd.temperature, online=teacher)
-        else:
-            distill = Distillation(kd.temperature)
-            clean_teacher = functools.partial(
-                precompute,
-                teacher,
-                temperature=kd.temperature,
-                runtime=settings.runtime,
-                device=device,
-                batch_size=settings.pseudo_label.batch_size,
-            )
-    train_set, labeled_count = training_items(
-        settings, name, spec, classes, layout, clean_teacher
+    distill, clean_teacher = distillation(settings, name, layout, device)
+    train_set, labeled_count = training_items(settings, name, spec, classes, layout, clean_teacher)
+    params = run_params(settings, spec, role, seed, len(train_set), labeled_count)
+    log.info(
+        "training %s (%s) on %d images on %s", name, "+".join(architectures), len(train_set), device
     )
+    checkpoints = Checkpoints(
+        layout.checkpoints / name,
+        fingerprint([params, architectures], training_inputs(settings, name, role, layout)),
+        settings.runtime.checkpoint_epochs,
+    )
+    fit_member = functools.partial(
+        train_member,
+        settings,
+        spec,
+        train_set=train_set,
+        val=load_split("val", layout.prepared),
+        classes=classes,
+        policy=load_policy(role, seed, layout.augment),
+        device=device,
+        distill=distill,
+    )
+    tags = {"stage": role, "round": str(round_), "model_name": name}
+    return Job(
+        name, round_, role, spec, seed, architectures, classes, train_set, labeled_count, params,
+        tags, checkpoints, fit_member,
+    )  # fmt: skip
 
+
+def distillation(
+    settings: Settings, name: str, layout: Layout, device: torch.device
+) -> tuple[Distillation | None, Callable[[np.ndarray, np.ndarray], np.ndarray] | None]:
+    """The student's distillation from its frozen teacher (``distill.enabled``), and the
+    teacher's clean-image outputs when they are computed ahead (``teacher_input: clean``)."""
+    if name == "teacher" or not settings.distill.enabled:
+        return None, None
+    kd = settings.distill
+    teacher = FrozenTeacher(load_checkpoint(layout.model(settings.student(name).teacher))[0])
+    if kd.teacher_input == "augmented":
+        return Distillation(kd.temperature, online=teacher), None
+    clean_teacher = functools.partial(
+        precompute,
+        teacher,
+        temperature=kd.temperature,
+        runtime=settings.runtime,
+        device=device,
+        batch_size=settings.pseudo_label.batch_size,
+    )
+    return Distillation(kd.temperature), clean_teacher
+
+
+def run_params(
+    settings: Settings, spec: ModelTraining, role: str, seed: int, images: int, labeled: int
+) -> dict:
+    """What the MLflow run records (and the checkpoints' fingerprint covers)."""
     params = {
         "seed": seed,
         "model": spec.model_dump(),
         "data": settings.data.model_dump(),
         "augment": getattr(settings.augment, role).model_dump(),
         "runtime": settings.runtime.model_dump(),
-        "train_images": len(train_set),
-        "labeled_images": labeled_count,
+        "train_images": images,
+        "labeled_images": labeled,
     }
-    if round_ > 0:
+    if role == "student":
         params["pseudo_label"] = settings.pseudo_label.model_dump()
         params["distill"] = settings.distill.model_dump()
-        params["pseudo_labeled_images"] = len(train_set) - labeled_count
-    tags = {"stage": role, "round": str(round_), "model_name": name}
-    log.info(
-        "training %s (%s) on %d images on %s", name, "+".join(architectures), len(train_set), device
-    )
+        params["pseudo_labeled_images"] = images - labeled
+    return params
+
+
+def training_inputs(settings: Settings, name: str, role: str, layout: Layout) -> list[Path]:
+    """The files a checkpoint is only valid for: a resumed training must see the same ones."""
+    data_dir = layout.prepared
     inputs = [data_dir / "labeled" / "images.npy", data_dir / "labeled" / "index.csv"]
     inputs += [data_dir / "val" / "index.csv", layout.augment / f"{role}.json"]
-    if round_ > 0:
+    if role == "student":
         inputs.append(layout.pseudo_table(name))
         if settings.distill.enabled:
             inputs += sorted(layout.model(settings.student(name).teacher).glob("*.safetensors"))
-    checkpoints = Checkpoints(
-        layout.checkpoints / name,
-        fingerprint([params, architectures], inputs),
-        settings.runtime.checkpoint_epochs,
-    )
-    here = distributed.world()
-    fit_member = functools.partial(
-        train_member,
-        settings,
-        spec,
-        train_set=train_set,
-        val=val,
-        classes=classes,
-        policy=load_policy(role, seed, layout.augment),
-        device=device,
-        distill=distill,
-    )
-    labels = [
-        name if len(architectures) == 1 else f"{name}.member_{k}" for k in range(len(architectures))
-    ]
-    if not here.main:  # the other processes of a DDP run: train alongside rank 0, write nothing
-        for k, (architecture, label) in enumerate(zip(architectures, labels, strict=True)):
-            rank_label = f"{label}.rank{here.rank}"
-            fit_member(
-                architecture, seed + MEMBER_SEED_STRIDE * k, label, checkpoints.member(rank_label)
-            )
-        return []
-    resumed = checkpoints.run_ids()  # the MLflow runs of an interrupted attempt carry on
+    return inputs
+
+
+def train_logged(
+    settings: Settings, job: Job, layout: Layout, parent: tracking.ParentRun | None
+) -> list[EpochResult]:
+    """Rank 0: every member trained under its MLflow run, then the model logged and saved."""
+    resumed = job.checkpoints.run_ids()  # the MLflow runs of an interrupted attempt carry on
     tracking.fail_orphaned_runs(settings.mlflow, keep=set(resumed.values()))
+    here = distributed.world()
     nets, members, history, rows = [], [], [], []
     with tracking.training_run(
-        settings.mlflow, name, tags, params, parent, run_id=resumed.get(name)
+        settings.mlflow, job.name, job.tags, job.params, parent, run_id=resumed.get(job.name)
     ) as run:
-        checkpoints.remember_run(name, run.info.run_id)
-        for k, (architecture, label) in enumerate(zip(architectures, labels, strict=True)):
-            member_seed = seed + MEMBER_SEED_STRIDE * k
+        job.checkpoints.remember_run(job.name, run.info.run_id)
+        for k, (architecture, label) in enumerate(zip(job.architectures, job.labels, strict=True)):
             # an ensemble's members get runs of their own, nested under the model's run
             member_run = (
                 contextlib.nullcontext(run)
-                if len(architectures) == 1
+                if len(job.architectures) == 1
                 else tracking.training_run(
                     settings.mlflow,
                     label,
-                    {**tags, "member": str(k)},
-                    {**params, "seed": member_seed, "member": k, "architecture": architecture},
+                    {**job.tags, "member": str(k)},
+                    {**job.params, "seed": job.member_seed(k), "member": k,
+                     "architecture": architecture},
                     tracking.ParentRun(run.info.run_id, parent.tags if parent else {}),
                     run_id=resumed.get(label),
                 )
-            )
+            )  # fmt: skip
             with member_run as active:
-                checkpoints.remember_run(label, active.info.run_id)
+                job.checkpoints.remember_run(label, active.info.run_id)
                 rank_label = label if here.size == 1 else f"{label}.rank0"
-                net, curve = fit_member(
-                    architecture, member_seed, label, checkpoints.member(rank_label)
+                net, curve = job.fit_member(
+                    architecture, job.member_seed(k), label, job.checkpoints.member(rank_label)
                 )
             mean, std = normalization(net)
             members.append(Member(architecture, weights_name(k), mean, std, active.info.run_id))
@@ -251,16 +303,15 @@ def train(
             history += curve
             rows += [{"member": label, **asdict(r)} for r in curve]
         card = ModelCard(
-            name=name,
-            classes=classes,
+            name=job.name,
+            classes=job.classes,
             image_size=settings.data.image_size,
             mlflow_run_id=run.info.run_id,
             members=members,
         )
         tracking.log_model(nets, card)
         curves = pd.DataFrame(rows).to_csv(index=False)
-        save_checkpoint(nets, card, layout.model(name), extra_files={"history.csv": curves})
-    checkpoints.clear()
+        save_checkpoint(nets, card, layout.model(job.name), extra_files={"history.csv": curves})
     return history
 
 
