@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from timm.utils.distributed import world_info_from_env
 
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.settings import RuntimeSettings
@@ -36,11 +37,9 @@ class World:
 
 
 def world() -> World:
-    """This process's place, as torchrun set it (one process: rank 0 of 1)."""
-    env = os.environ
-    return World(
-        int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-    )
+    """This process's place, as torchrun (or SLURM, MPI) set it; one process: rank 0 of 1."""
+    local_rank, rank, size = world_info_from_env()
+    return World(rank, size, local_rank)
 
 
 def wanted(runtime: RuntimeSettings) -> bool:
