@@ -12,7 +12,7 @@ import pandas as pd
 
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import Settings
-from noisy_student.models.classifier import load_card
+from noisy_student.models.card import load_card
 
 COLUMNS = [
     "round",

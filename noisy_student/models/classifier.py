@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import timm
@@ -18,39 +18,7 @@ from safetensors.torch import load_file, save_file
 from noisy_student.core.atomic import atomic_path
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.settings import ModelTraining, RuntimeSettings
-
-
-@dataclass(frozen=True)
-class Member:
-    """One trained network of a model."""
-
-    model: str  # timm architecture
-    weights: str  # file name inside the model's folder
-    mean: list[float]
-    std: list[float]
-    mlflow_run_id: str | None
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What is needed to rebuild and feed a trained model, stored beside its weights."""
-
-    name: str  # teacher, student_1, ...
-    classes: list[str]
-    image_size: int
-    mlflow_run_id: str | None  # the model's run (an ensemble's members have runs of their own)
-    members: list[Member] = field(default_factory=list)
-
-    @property
-    def model(self) -> str:
-        """The architecture, or ``a+b`` for an ensemble."""
-        return "+".join(m.model for m in self.members)
-
-    @staticmethod
-    def from_json(text: str) -> ModelCard:
-        raw = json.loads(text)
-        raw["members"] = [Member(**m) for m in raw["members"]]
-        return ModelCard(**raw)
+from noisy_student.models.card import ModelCard, load_card
 
 
 def create_model(spec: ModelTraining, num_classes: int, architecture: str | None = None):
@@ -106,13 +74,6 @@ def save_checkpoint(
             state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
             save_file(state, staged / member.weights)
         (staged / "card.json").write_text(json.dumps(asdict(card), indent=2))
-
-
-def load_card(folder: Path) -> ModelCard:
-    path = folder / "card.json"
-    if not path.exists():
-        raise PipelineError(f"{path}: not found; train that model first")
-    return ModelCard.from_json(path.read_text())
 
 
 def load_checkpoint(

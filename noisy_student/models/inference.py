@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from noisy_student.core.settings import RuntimeSettings
-from noisy_student.data.splits import ImageDataset, make_loader
+from noisy_student.data.loaders import ImageDataset, make_loader
 
 # validation and test batches: affects memory and speed only, never a result
 EVAL_BATCH_SIZE = 256

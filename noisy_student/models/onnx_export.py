@@ -9,9 +9,9 @@ class names and image size ride along in the model's metadata (``classes``, a JS
     logits = sess.run(None, {"pixels": images.astype("float32")})[0]
 
 Exported with ``torch.onnx.export(dynamo=True)``: torch.export's graph (the same capture as the
-MLflow model, tracking.runs.log_model), translated by onnxscript; the TorchScript exporter is
-deprecated in torch 2.x. Before the file replaces the previous one, ONNX Runtime runs it on
-validation images, one and several at a time, and its logits must match PyTorch's.
+MLflow model, tracking.logged_models.log_model), translated by onnxscript; the TorchScript
+exporter is deprecated in torch 2.x. Before the file replaces the previous one, ONNX Runtime runs
+it on validation images, one and several at a time, and its logits must match PyTorch's.
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def gather(settings: Settings, layout: Layout) -> Inputs:
     missing = [n for n in names if n not in metrics]
     if missing:
         raise PipelineError(f"{metrics_file}: no test accuracy for {missing}; run evaluate again")
-    registry = _read_json(registry_file, "evaluate")
+    registry = _read_json(registry_file, "register")
     classes = load_classes(data_dir)
 
     histories: dict[str, pd.DataFrame] = {}

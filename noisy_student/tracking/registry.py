@@ -1,7 +1,7 @@
 """The MLflow model registry: every model of the loop as a version of one registered model, and
 the alias ``champion`` on the best by test accuracy.
 
-A version is the MLflow 3 logged model of the model's training run (tasks/tracking.log_model),
+A version is the MLflow 3 logged model of the model's training run (tracking/logged_models.py),
 registered once per run: evaluating again (a re-run, a flow run that skipped the trainings) finds
 the version it made before instead of adding one. Load the champion anywhere with
 ``mlflow.pytorch.load_model("models:/<mlflow.registered_model>@champion")``.
@@ -20,12 +20,12 @@ from noisy_student.core.atomic import write_text
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import MlflowSettings, Settings
-from noisy_student.models.classifier import load_card
+from noisy_student.models.card import load_card
 from noisy_student.tracking import runs as tracking
 
 log = logging.getLogger(__name__)
 CHAMPION = "champion"
-MODEL_ARTIFACT = "model"  # the name noisy_student.tracking.runs.log_model logs under
+MODEL_ARTIFACT = "model"  # the name logged_models.log_model logs under
 
 
 @dataclass(frozen=True)

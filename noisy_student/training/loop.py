@@ -15,7 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.progress import Progress, track
 from noisy_student.core.settings import ModelTraining, RuntimeSettings
-from noisy_student.data.splits import Split, TrainingImages, make_loader, parts, training_sampler
+from noisy_student.data.loaders import TrainingImages, make_loader, parts, training_sampler
+from noisy_student.data.splits import Split
 from noisy_student.losses.distill import Distillation, student_loss
 from noisy_student.losses.mixing import BatchMixer
 from noisy_student.models.classifier import Classifier, normalization

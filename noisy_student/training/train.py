@@ -24,12 +24,12 @@ from noisy_student.augment.policy import TrainTransform, load_policy, randaugmen
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import ModelTraining, Settings
-from noisy_student.data.splits import Split, TrainingImages, load_classes, load_split
+from noisy_student.data.loaders import TrainingImages
+from noisy_student.data.splits import Split, load_classes, load_split
 from noisy_student.losses.distill import Distillation, FrozenTeacher, precompute
 from noisy_student.losses.mixing import one_hot, sharpen
+from noisy_student.models.card import Member, ModelCard
 from noisy_student.models.classifier import (
-    Member,
-    ModelCard,
     create_model,
     load_checkpoint,
     normalization,
@@ -39,6 +39,7 @@ from noisy_student.models.classifier import (
 )
 from noisy_student.pseudo_labels.labeling import load_pseudo_labels
 from noisy_student.tracking import runs as tracking
+from noisy_student.tracking.logged_models import log_batch_image, log_model
 from noisy_student.training import distributed
 from noisy_student.training.loop import EpochResult, FitConfig, fit, seed_everything
 from noisy_student.training.resume import Checkpoints, MemberCheckpoint, fingerprint
@@ -309,7 +310,7 @@ def train_logged(
             mlflow_run_id=run.info.run_id,
             members=members,
         )
-        tracking.log_model(nets, card)
+        log_model(nets, card)
         curves = pd.DataFrame(rows).to_csv(index=False)
         save_checkpoint(nets, card, layout.model(job.name), extra_files={"history.csv": curves})
     return history
@@ -360,7 +361,7 @@ def train_member(
         desc,
         distill=distill,
         on_epoch=on_epoch,
-        on_first_batch=tracking.log_batch_image,
+        on_first_batch=log_batch_image,
         checkpoint=checkpoint,
     )
     history = fit(net, train_set, val, config)
