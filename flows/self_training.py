@@ -40,7 +40,7 @@ from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import PARAMS_FILE, Settings, load_settings
 from noisy_student.evaluation.rounds import rounds_table
-from noisy_student.models.classifier import load_card
+from noisy_student.models.card import load_card
 from noisy_student.report import publish, render
 from noisy_student.tracking import registry
 from noisy_student.tracking import runs as tracking
