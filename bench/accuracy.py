@@ -7,21 +7,29 @@ training on every label?
     python -m bench.accuracy --set teacher.epochs=5  # any params.yaml key, for every run
     python -m bench.accuracy --report-only           # rebuild the tables from the raw results
 
-Per (labels per class, seed) it runs the real stage functions of tasks/ in this process, with
-Settings built from params.yaml plus overrides: prepare, augment and the labeled-only teacher
-once; then, sharing that teacher, pseudo-labeling and every student round of the pipeline as
-params.yaml has it and of each ablation (a recipe of configs/ or one key); and the fully
-supervised upper bound. Every finished run is appended to ``<out>/accuracy.jsonl`` at once, so a
-killed benchmark loses one run at most and a second call skips what is there; the tables
-(``accuracy.md``) and a flat ``accuracy.csv`` are rebuilt from that file.
+Per (labels per class, seed) it runs the loop in this process, with Settings built from
+params.yaml plus overrides, as dvc.yaml wires it: the steps come from the repository's dvc.yaml,
+read by DVC with the run's own rounds (``students``), each bound to its stage's
+``tasks/<stage>.py`` (flows/stages.py). The stages up to the labeled-only teacher (prepare,
+augment, train_teacher) run once per cell; then, sharing that dataset and teacher, the rest of
+the loop up to ``register`` (augment for the run's own student policy, every round's
+pseudo_label and train_student, evaluate, register) for the pipeline as params.yaml has it and
+for each ablation (a recipe of configs/ or one key); and the fully supervised upper bound. Each
+run writes in folders of its own (``Layout.replace``): the repository's data/, models/ and
+reports/ are the pipeline's, not the benchmark's. Every finished run is appended to
+``<out>/accuracy.jsonl`` at once, so a killed benchmark loses one run at most and a second call
+skips what is there; the tables (``accuracy.md``) and a flat ``accuracy.csv`` are rebuilt from
+that file.
 
-The upper bound: the final student's recipe (model, noise, epochs, ...) trained on the labeled
-images plus the whole pool with its true labels. It goes through the same training code as any
-student: a one-round run whose pseudo-label table holds the truth (confidence 1, every row kept),
-so `noisy_student.training.train` reads it like any table. The truth comes from the demo's hidden labels
-(``true_label`` of the prepared pool); for ``--folders``, from the pool's first folder level where
-every image sits under a class folder (``unlabeled/<class>/...``; the pipeline itself ignores
-those folders), else the upper bound is marked not run.
+The upper bound is not the loop, so it calls the library directly: the final student's recipe
+(model, noise, epochs, ...) trained on the labeled images plus the whole pool with its true
+labels. It goes through the same training code as any student
+(``noisy_student.training.train.train``): a one-round run whose pseudo-label table holds the
+truth (confidence 1, every row kept), read like any table; then evaluate and register. The truth
+comes from the demo's hidden labels (``true_label`` of the prepared pool); for ``--folders``,
+from the pool's first folder level where every image sits under a class folder
+(``unlabeled/<class>/...``; the pipeline itself ignores those folders), else the upper bound is
+marked not run.
 """
 
 from __future__ import annotations
@@ -31,8 +39,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,15 +52,17 @@ import pandas as pd
 import torch
 import yaml
 
-from noisy_student.augment.policy import augment
+from flows.stages import Step, plan
 from noisy_student.core.atomic import atomic_path, write_text
 from noisy_student.core.errors import PipelineError
+from noisy_student.core.layout import Layout
 from noisy_student.core.settings import PARAMS_FILE, Settings, load_settings
-from noisy_student.data.prepare import prepare
 from noisy_student.data.splits import UNKNOWN, Split, load_classes, load_split
 from noisy_student.evaluation.evaluate import evaluate
-from noisy_student.pseudo_labels.labeling import label_rows, pseudo_label, summarize
+from noisy_student.pseudo_labels.labeling import label_rows
+from noisy_student.pseudo_labels.selection import summarize
 from noisy_student.recipes import load_recipe
+from noisy_student.tracking.registry import register_models
 from noisy_student.training.train import train
 
 log = logging.getLogger("bench.accuracy")
@@ -73,21 +85,89 @@ VARIANTS: dict[str, tuple[str, Path | dict[str, Any]]] = {
     ),
 }
 GAP_TARGET = 0.70  # the final student must close this share of labeled-only -> fully supervised
+# the loop's stages a cell runs once and its runs share (checked: no variant may change them)...
+SHARED = ("prepare", "train_teacher")
+TEACHER = "train_teacher"  # ...the cell's steps: this stage and the stages it depends on
+LAST = "register"  # a run's steps: this stage and the stages it depends on, less SHARED
+_DAGS: dict[tuple, tuple[list[str], list[tuple[str, str]]]] = {}  # per rounds, read once
 
 
-def evaluate_run(settings: Settings, data_dir: Path, models: Path, pseudo: Path, run: Path) -> dict:
-    """noisy_student.evaluation.evaluate with every output in the run's own folder (the repository's reports/ is
-    the pipeline's, not the benchmark's)."""
-    return evaluate(
-        settings,
-        data_dir=data_dir,
-        models_dir=models,
-        pseudo_dir=pseudo,
-        metrics_file=run / "metrics.json",
-        comparison_file=run / "comparison.md",
-        predictions_dir=run / "test_predictions",
-        registry_file=run / "registry.json",
+def loop_dag(settings: Settings) -> tuple[list[str], list[tuple[str, str]]]:
+    """The stages and their edges as DVC reads the repository's dvc.yaml with ``settings``'
+    rounds (foreach stages depend on ``students``): from a throwaway DVC project holding that
+    dvc.yaml and these settings as its params.yaml."""
+    from dvc.repo import Repo
+
+    from flows.dvc_project import DvcProject
+
+    rounds = tuple((s.name, s.teacher) for s in settings.students)
+    if rounds not in _DAGS:
+        with tempfile.TemporaryDirectory(prefix="bench-dag-") as tmp:
+            root = Path(tmp)
+            shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+            params = yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False)
+            write_text(root / "params.yaml", params)
+            Repo.init(tmp, no_scm=True).close()
+            _DAGS[rounds] = DvcProject(root).dag()
+    return _DAGS[rounds]
+
+
+def upstream_of(stage: str, edges: list[tuple[str, str]]) -> set[str]:
+    """``stage`` and every stage it depends on, directly or not."""
+    found, todo = {stage}, [stage]
+    while todo:
+        down = todo.pop()
+        for up in (u for u, d in edges if d == down and u not in found):
+            found.add(up)
+            todo.append(up)
+    return found
+
+
+def loop_steps(settings: Settings) -> tuple[list[Step], list[Step]]:
+    """The loop of dvc.yaml in its order, cut in two: the cell's steps (the teacher and what it
+    needs) and a run's (up to ``register``, without the cell's shared stages)."""
+    names, edges = loop_dag(settings)
+    # as `dvc repro` runs the pseudo_label stage: its shards one after another in this process
+    # (the plan sends them to Dask workers only for the Prefect flow)
+    sequential = settings.pseudo_label.model_copy(update={"shards": 1})
+    steps = plan(settings.model_copy(update={"pseudo_label": sequential}), names, edges)
+    missing = {TEACHER, LAST, *SHARED} - set(names)
+    if missing:
+        raise PipelineError(f"dvc.yaml: no stage {sorted(missing)}: the benchmark needs them")
+    cell, run = upstream_of(TEACHER, edges), upstream_of(LAST, edges) - set(SHARED)
+    return [s for s in steps if s.stage in cell], [s for s in steps if s.stage in run]
+
+
+def round_student(settings: Settings, step: Step) -> str | None:
+    """The student of a foreach round's step (``pseudo_label@0`` -> ``student_1``)."""
+    _, _, index = step.stage.partition("@")
+    return settings.students[int(index)].name if index else None
+
+
+def cell_layout(folder: Path) -> Layout:
+    """A cell's dataset, augmentation policies, teacher and its checkpoints."""
+    return Layout.at(folder).replace(prepared=folder / "prepared", augment=folder / "augment")
+
+
+def run_layout(folder: Path, run: Path) -> Layout:
+    """A run of the cell: the cell's dataset, everything else in the run's own folder (evaluate's
+    and register's outputs too: the repository's reports/ is the pipeline's, not the
+    benchmark's)."""
+    return Layout.at(run).replace(
+        prepared=cell_layout(folder).prepared,
+        augment=run / "augment",
+        comparison=run / "comparison.md",
+        test_predictions=run / "test_predictions",
+        registry=run / "registry.json",
     )
+
+
+def evaluate_run(settings: Settings, layout: Layout) -> dict:
+    """The evaluate and register stages' functions on a run that is not the loop (the upper
+    bound)."""
+    metrics = evaluate(settings, layout)
+    register_models(settings, layout)
+    return metrics
 
 
 def variant_overrides(name: str, params_file: Path) -> dict[str, Any]:
@@ -142,29 +222,28 @@ def pool_truth(pool: Split, classes: list[str]) -> np.ndarray | None:
     return None
 
 
-def write_truth_table(
-    settings: Settings, name: str, data_dir: Path, out_dir: Path, truth: np.ndarray
-) -> dict:
-    """A pseudo-label table whose labels are the truth, every row kept once (the columns of
-    noisy_student/pseudo_labels/labeling.py's table, built by its own ``label_rows`` and ``summarize``)."""
-    classes = load_classes(data_dir)
-    pool = load_split("unlabeled", data_dir)
+def write_truth_table(settings: Settings, name: str, layout: Layout, truth: np.ndarray) -> dict:
+    """A pseudo-label table whose labels are the truth, every row kept once (the columns of the
+    pseudo_label stage's table, built by its own ``label_rows`` of
+    noisy_student/pseudo_labels/labeling.py, summarized by ``summarize`` of selection.py)."""
+    classes = load_classes(layout.prepared)
+    pool = load_split("unlabeled", layout.prepared)
     probs = torch.nn.functional.one_hot(torch.tensor(truth), len(classes)).float()
     table = label_rows(probs, pool.ids, classes, threshold=0.0)
     table.insert(table.columns.get_loc("kept") + 1, "copies", np.ones(len(table), np.int64))
-    with atomic_path(out_dir / f"{name}.csv") as tmp:
+    with atomic_path(layout.pseudo_table(name)) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     summary = summarize(
         table, dataclasses.replace(pool, true_labels=truth), classes, settings.pseudo_label
     )
-    write_text(out_dir / f"{name}.json", json.dumps(summary, indent=2))
+    write_text(layout.pseudo_summary(name), json.dumps(summary, indent=2))
     return summary
 
 
-def link_teacher(models_dir: Path, teacher_dir: Path) -> None:
+def link_teacher(layout: Layout, teacher_dir: Path) -> None:
     """The cell's teacher, shared by every run of the cell (read only: no stage writes it)."""
-    models_dir.mkdir(parents=True, exist_ok=True)
-    link = models_dir / "teacher"
+    layout.models.mkdir(parents=True, exist_ok=True)
+    link = layout.model("teacher")
     if not link.exists():
         link.symlink_to(teacher_dir.resolve(), target_is_directory=True)
 
@@ -199,8 +278,8 @@ class Runner:
             f"{Path(cell.dataset.split(':')[-1]).name}-lpc{cell.labels_per_class}-seed{cell.seed}"
             f"-{digest(base.model_dump())[:8]}"
         )
-        data_dir, augment_dir = folder / "prepared", folder / "augment"
-        teacher_dir = folder / "models" / "teacher"
+        layout = cell_layout(folder)
+        teacher_dir = layout.model("teacher")
         todo = [v for v in variants if cell.key(v) not in self.done]
         if upper and cell.key(UPPER) not in self.done:
             todo.append(UPPER)
@@ -210,20 +289,10 @@ class Runner:
         seconds: dict[str, float] = {}
         if not (teacher_dir / "card.json").exists():  # an atomic output: there means complete
             start = time.perf_counter()
-            if data_dir.exists():
-                import shutil
-
-                shutil.rmtree(data_dir)  # a teacher never trained on it: prepare afresh
-            prepare(base, data_dir)
-            augment(base, augment_dir, data_dir)
-            train(
-                base,
-                "teacher",
-                data_dir=data_dir,
-                augment_dir=augment_dir,
-                models_dir=folder / "models",
-                checkpoint_dir=folder / "checkpoints",
-            )
+            if layout.prepared.exists():
+                shutil.rmtree(layout.prepared)  # a teacher never trained on it: prepare afresh
+            for step in loop_steps(base)[0]:  # prepare, augment, train_teacher
+                step.call(base, layout, None)
             seconds["teacher"] = time.perf_counter() - start
         for variant in variants:
             if variant in todo:
@@ -255,31 +324,24 @@ class Runner:
         if settings.augment.teacher != base.augment.teacher:
             raise PipelineError(f"variant '{variant}' changes augment.teacher")
         log.info("=== %s: %s (%s)", folder.name, variant, changes or "params.yaml")
-        data_dir, run = folder / "prepared", folder / "runs" / variant
-        models, pseudo, augment_dir = run / "models", run / "pseudo_labels", run / "augment"
-        link_teacher(models, folder / "models" / "teacher")
+        layout = run_layout(folder, folder / "runs" / variant)
+        link_teacher(layout, cell_layout(folder).model("teacher"))
         start = time.perf_counter()
-        augment(settings, augment_dir, data_dir)  # its own student policy (no_noise changes it)
-        pseudo_summaries = {}
-        for student in settings.students:
+        # the loop after the teacher, as dvc.yaml wires it: augment (the run's own student
+        # policy: no_noise changes it), every round's pseudo_label and train_student, evaluate,
+        # register
+        pseudo_summaries, metrics = {}, {}
+        for step in loop_steps(settings)[1]:
             t0 = time.perf_counter()
-            summary = pseudo_label(
-                settings, student.name, data_dir=data_dir, models_dir=models, out_dir=pseudo
-            )
-            pseudo_summaries[student.name] = summary_of(summary)
-            seconds[f"pseudo_label_{student.name}"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            train(
-                settings,
-                student.name,
-                data_dir=data_dir,
-                augment_dir=augment_dir,
-                pseudo_dir=pseudo,
-                models_dir=models,
-                checkpoint_dir=run / "checkpoints",
-            )
-            seconds[f"train_{student.name}"] = time.perf_counter() - t0
-        metrics = evaluate_run(settings, data_dir, models, pseudo, run)
+            result = step.call(settings, layout, None)
+            base_stage, student = step.stage.partition("@")[0], round_student(settings, step)
+            if base_stage == "pseudo_label":
+                pseudo_summaries[student] = summary_of(result)
+                seconds[f"pseudo_label_{student}"] = time.perf_counter() - t0
+            elif step.model is not None:
+                seconds[f"train_{step.model}"] = time.perf_counter() - t0
+            elif base_stage == "evaluate":
+                metrics = result
         seconds["total"] = time.perf_counter() - start + seconds.pop("teacher", 0.0)
         accuracy = {name: m["test_accuracy"] for name, m in metrics.items()}
         self.record(
@@ -296,8 +358,11 @@ class Runner:
         seconds.clear()
 
     def upper_bound(self, cell: Cell, base: Settings, folder: Path) -> None:
-        data_dir, run = folder / "prepared", folder / "runs" / UPPER
-        truth = pool_truth(load_split("unlabeled", data_dir), load_classes(data_dir))
+        # the cell's student policy (base's), not a run's own
+        layout = run_layout(folder, folder / "runs" / UPPER).replace(
+            augment=cell_layout(folder).augment
+        )
+        truth = pool_truth(load_split("unlabeled", layout.prepared), load_classes(layout.prepared))
         final = base.students[-1]
         if truth is None:
             log.warning("%s: the pool's labels are unknown: no upper bound", folder.name)
@@ -310,20 +375,11 @@ class Runner:
         settings = self.settings({**cell.overrides, **changes})
         log.info("=== %s: %s (%s on labeled + the whole pool, true labels)", folder.name, UPPER,
                  final.model)  # fmt: skip
-        models, pseudo = run / "models", run / "pseudo_labels"
-        link_teacher(models, folder / "models" / "teacher")
+        link_teacher(layout, cell_layout(folder).model("teacher"))
         start = time.perf_counter()
-        summary = write_truth_table(settings, "student_1", data_dir, pseudo, truth)
-        train(
-            settings,
-            "student_1",
-            data_dir=data_dir,
-            augment_dir=folder / "augment",
-            pseudo_dir=pseudo,
-            models_dir=models,
-            checkpoint_dir=run / "checkpoints",
-        )
-        metrics = evaluate_run(settings, data_dir, models, pseudo, run)
+        summary = write_truth_table(settings, "student_1", layout, truth)
+        train(settings, "student_1", layout)
+        metrics = evaluate_run(settings, layout)
         self.record(
             cell,
             UPPER,

@@ -1,14 +1,23 @@
 """Before and after the speed fixes, in one process: the pipeline's code at a git revision
 against the working tree's, alternated on the same synthetic data and model.
 
-    python -m bench.compare --before 20a922c      # the commit before the fixes
+    python -m bench.compare --before <rev>        # a revision with the noisy_student package
 
-- **training**: ``noisy_student.training.loop.fit`` with ``create_optimizer`` from ``noisy_student/models/transfer.py`` at
-  ``--before`` (AdamW's default: a Python loop over tensors on the CPU) and from the working tree
-  (fused AdamW); everything else is the same code;
-- **pseudo-labeling**: the whole ``pseudo_label`` stage of ``noisy_student/pseudo_labels/labeling.py`` at
-  ``--before`` (pandas ``to_csv``) and of the working tree (pyarrow's CSV writer), each checked to
-  write the same table (ids, predictions, kept rows, probabilities to 1e-5).
+- **training**: ``noisy_student.training.loop.fit`` with ``create_optimizer`` from
+  ``noisy_student/models/transfer.py`` at ``--before`` (at the commit before the speed fixes:
+  AdamW's default, a Python loop over tensors on the CPU) and from the working tree (fused
+  AdamW); everything else is the same code;
+- **pseudo-labeling**: the pseudo_label stage's function, ``pseudo_label`` of
+  ``noisy_student/pseudo_labels/labeling.py``, with the rest of its package (the selection, the
+  table's CSV writer) at ``--before`` (before the fixes: pandas ``to_csv``) and of the working
+  tree (pyarrow's CSV writer), each checked to write the same table (ids, predictions, kept
+  rows, probabilities to 1e-5).
+
+The modules at ``--before`` run with the working tree's other modules, so ``--before`` must be a
+revision with the ``noisy_student`` package (cfe5559 or later). The speed fixes themselves
+(``--before 20a922c``, bench/README.md) predate it: their modules were ``tasks/transfer.py`` and
+``tasks/pseudo_label.py``, importing ``tasks.*`` modules that no longer exist; measure them with
+this benchmark as it was at a726fc9, in a checkout of that commit.
 
 Each side runs ``--repeats`` times, alternating with the other and with the bare model, and
 the best run of each counts (timeit's rule on a shared machine: other processes only ever slow a
@@ -19,6 +28,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
+import importlib.abc
+import importlib.util
 import json
 import logging
 import shlex
@@ -45,8 +57,10 @@ from bench.speed import (
     train_spec,
     training_set,
 )
-from bench.synthetic import write_model, write_pool
+from bench.synthetic import layout, write_model, write_pool
 from noisy_student.core.atomic import write_text
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.layout import Layout
 from noisy_student.core.settings import PARAMS_FILE, Settings
 from noisy_student.data.splits import Split, load_split
 from noisy_student.models.classifier import resolve_device
@@ -55,45 +69,118 @@ log = logging.getLogger("bench.compare")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def git_show(rev: str, path: str) -> str:
+    shown = subprocess.run(
+        ["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True
+    )
+    if shown.returncode != 0:
+        raise PipelineError(
+            f"--before {rev}: no {path} there ({shown.stderr.strip()}); the comparison needs a "
+            "revision with the noisy_student package (see this module's docstring)"
+        )
+    return shown.stdout
+
+
+def package_at(rev: str, folder: str) -> list[str]:
+    """The modules of package ``folder`` at ``rev`` (its ``__init__.py`` aside)."""
+    listed = subprocess.run(
+        ["git", "ls-tree", "--name-only", rev, f"{folder}/"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    paths = [p for p in listed if p.endswith(".py") and not p.endswith("/__init__.py")]
+    if not paths:
+        raise PipelineError(
+            f"--before {rev}: no {folder}/ there; the comparison needs a revision with the "
+            "noisy_student package (see this module's docstring)"
+        )
+    return paths
+
+
+class RevisionFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves some modules of this repository from their source at a git revision."""
+
+    def __init__(self, rev: str, paths: list[str]) -> None:
+        self.rev = rev
+        self.paths = {path.removesuffix(".py").replace("/", "."): path for path in paths}
+        self.sources = {name: git_show(rev, path) for name, path in self.paths.items()}
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.sources:
+            return None
+        return importlib.util.spec_from_loader(name, self, origin=f"{self.rev}:{self.paths[name]}")
+
+    def create_module(self, spec):
+        return None  # the default module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        origin = module.__spec__.origin
+        module.__file__ = origin
+        exec(compile(self.sources[module.__name__], origin, "exec"), module.__dict__)
+
+
+def modules_at(rev: str, paths: list[str]) -> dict[str, types.ModuleType]:
+    """The modules ``paths`` of this repository as they were at git revision ``rev``, importing
+    one another's versions at ``rev`` and the working tree's other modules. The working tree's
+    own versions stay where they were (``sys.modules`` and their packages' attributes)."""
+    finder = RevisionFinder(rev, paths)
+    names = list(finder.sources)
+    for name in names:  # the packages above them: the working tree's
+        importlib.import_module(name.rpartition(".")[0])
+    saved = {name: sys.modules.pop(name) for name in names if name in sys.modules}
+    missing = object()
+    attributes = []  # importing a submodule sets it on its package: put the old one back
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        package = sys.modules[parent]
+        attributes.append((package, child, getattr(package, child, missing)))
+    sys.meta_path.insert(0, finder)
+    try:
+        return {name: importlib.import_module(name) for name in names}
+    finally:
+        sys.meta_path.remove(finder)
+        for name in names:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+        for package, child, value in attributes:
+            if value is missing:
+                vars(package).pop(child, None)
+            else:
+                setattr(package, child, value)
+
+
 def module_at(rev: str, path: str) -> types.ModuleType:
     """``path`` (a module of this repository) as it was at git revision ``rev``; it imports the
     working tree's other modules."""
-    source = subprocess.run(
-        ["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    name = path.removesuffix(".py").replace("/", ".") + f"_at_{rev}"
-    module = types.ModuleType(name)
-    module.__file__ = f"{rev}:{path}"
-    sys.modules[name] = module  # dataclasses look their module up by name
-    exec(compile(source, module.__file__, "exec"), module.__dict__)
-    return module
+    return modules_at(rev, [path])[path.removesuffix(".py").replace("/", ".")]
 
 
 def fit_ips(
     settings: Settings, spec, device, items, val: Split, create_optimizer, compile_: bool
 ) -> float:
     """Best images/s of fit's epochs after the first, with ``create_optimizer`` in its place."""
-    original = noisy_student.training.loop.create_optimizer
-    noisy_student.training.loop.create_optimizer = create_optimizer  # the one difference between the sides
+    loop = noisy_student.training.loop
+    original = loop.create_optimizer
+    loop.create_optimizer = create_optimizer  # the one difference between the sides
     try:
         net = new_model(spec, device, settings, compile_)
-        history = noisy_student.training.loop.fit(
-            net, items, val, spec, settings.runtime, device, 0, lambda r: None, "compare"
-        )
+        config = loop.FitConfig(spec, settings.runtime, device, 0, "compare")
+        history = loop.fit(net, items, val, config)
     finally:
-        noisy_student.training.loop.create_optimizer = original
+        loop.create_optimizer = original
     return max(len(items) / r.seconds for r in history[1:])
 
 
+def side_layout(root: Path, out: str) -> Layout:
+    """The synthetic pool and model under ``root``, the pseudo-label table into ``root/out``."""
+    return layout(root).replace(pseudo_labels=root / out)
+
+
 def label_ips(settings: Settings, stage, root: Path, out: str, count: int) -> float:
+    """Images/s of ``stage`` (a side's ``pseudo_label``) on the pool under ``root``."""
     start = time.perf_counter()
-    stage(
-        settings,
-        "student_1",
-        data_dir=root / "prepared",
-        models_dir=root / "models",
-        out_dir=root / out,
-    )
+    stage(settings, "student_1", side_layout(root, out))
     return count / (time.perf_counter() - start)
 
 
@@ -126,7 +213,10 @@ def run(
     command: str = "",
 ) -> dict[str, Any]:
     old_transfer = module_at(before, "noisy_student/models/transfer.py")
-    old_pseudo = module_at(before, "noisy_student/pseudo_labels/labeling.py")
+    # the stage's code is the whole package (labeling, selection, the table's writer)
+    old_pseudo = modules_at(before, package_at(before, "noisy_student/pseudo_labels"))[
+        "noisy_student.pseudo_labels.labeling"
+    ]
     from noisy_student.models.transfer import create_optimizer
     from noisy_student.pseudo_labels.labeling import pseudo_label
 
@@ -145,8 +235,8 @@ def run(
         items = training_set(settings, spec, work / "train")
         val = load_split("labeled", work / "train")
         val = Split(val.images[:64], val.ids[:64], val.labels[:64], val.true_labels[:64])
-        write_pool(work / "prepared", pool, size)
-        write_model(work / "models" / "teacher", teacher, size)
+        write_pool(layout(work).prepared, pool, size)
+        write_model(layout(work).model("teacher"), teacher, size)
         bare = BareTraining(spec, settings, torch_device, size, compile_)
         batch = settings.pseudo_label.batch_size
         infer = BareInference(teacher, settings, torch_device, size, batch)
@@ -168,7 +258,8 @@ def run(
                 sides[side]["pseudo_label"].append(label_ips(settings, stage, work, side, pool))
             bare_infer.append(infer(infer_steps))
         tables_match = same_table(
-            work / "before" / "student_1.csv", work / "after" / "student_1.csv"
+            side_layout(work, "before").pseudo_table("student_1"),
+            side_layout(work, "after").pseudo_table("student_1"),
         )
     med = max  # best of the repeats
     result = {
@@ -238,20 +329,23 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    result = run(
-        before=args.before,
-        params_file=Path(args.params),
-        device=args.device,
-        size=args.size,
-        model=args.model,
-        train_images=args.train_images,
-        epochs=args.epochs,
-        pool=args.pool,
-        repeats=args.repeats,
-        compile_=args.compile,
-        out_dir=args.out,
-        command=shlex.join(["python", "-m", "bench.compare", *sys.argv[1:]]),
-    )
+    try:
+        result = run(
+            before=args.before,
+            params_file=Path(args.params),
+            device=args.device,
+            size=args.size,
+            model=args.model,
+            train_images=args.train_images,
+            epochs=args.epochs,
+            pool=args.pool,
+            repeats=args.repeats,
+            compile_=args.compile,
+            out_dir=args.out,
+            command=shlex.join(["python", "-m", "bench.compare", *sys.argv[1:]]),
+        )
+    except PipelineError as exc:
+        sys.exit(f"error: {exc}")
     print(render(result))
 
 

@@ -3,10 +3,11 @@
     python -m bench.scale                               # 1k, 10k, 100k images of 32 x 32
     python -m bench.scale --pools 1000 10000 100000 1000000 --model resnet18
 
-For each pool size this writes a synthetic prepared pool (noisy_student/data/splits.py's layout, through
-noisy_student.data.prepare's ``write_split``) and an untrained model, then runs the real stage function,
-``noisy_student.pseudo_labels.labeling.pseudo_label``, in a fresh Python process whose stderr is a pipe (not a
-terminal, as under DVC or Prefect), and measures there:
+For each pool size this writes a synthetic prepared pool (noisy_student/data/splits.py's layout,
+through noisy_student.data.prepare's ``write_split``) and an untrained model, then runs the real
+stage function, ``noisy_student.pseudo_labels.labeling.pseudo_label`` (what tasks/pseudo_label.py
+runs), in a fresh Python process whose stderr is a pipe (not a terminal, as under DVC or
+Prefect), and measures there:
 
 - wall time of the stage (model loading included), images/s, and the CPU time of the process
   (every thread's): on a machine shared with other work, wall time swings with their load, CPU
@@ -81,6 +82,7 @@ def child(root: Path, params_file: Path, batch: int) -> None:
     """In a fresh process: pseudo-label the pool under ``root`` and print the measurements."""
     import torch  # noqa: F401  (imported before the baseline: its import is not the stage's)
 
+    from bench.synthetic import layout
     from noisy_student.pseudo_labels.labeling import pseudo_label
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -92,13 +94,7 @@ def child(root: Path, params_file: Path, batch: int) -> None:
     sampler.start()
     cpu = time.process_time()
     start = time.perf_counter()
-    summary = pseudo_label(
-        settings,
-        "student_1",
-        data_dir=root / "prepared",
-        models_dir=root / "models",
-        out_dir=root / "pseudo_labels",
-    )
+    summary = pseudo_label(settings, "student_1", layout(root))
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu  # every thread's; robust to a crowded machine
     peak = sampler.stop()
@@ -115,13 +111,14 @@ def child(root: Path, params_file: Path, batch: int) -> None:
 def measure(
     count: int, size: int, model: str, params_file: Path, batch: int, work: Path
 ) -> dict[str, Any]:
-    from bench.synthetic import write_model, write_pool
+    from bench.synthetic import layout, write_model, write_pool
 
     settings = load_settings(params_file)
     spec = settings.teacher.model_copy(update={"model": known_timm_model(model)})
+    place = layout(work)
     log.info("pool of %d: writing it", count)
-    write_pool(work / "prepared", count, size)
-    write_model(work / "models" / "teacher", spec, size)
+    write_pool(place.prepared, count, size)
+    write_model(place.model("teacher"), spec, size)
     command = [sys.executable, "-m", "bench.scale", "--child", str(work)]
     command += ["--params", str(params_file), "--batch", str(batch)]
     log.info("pool of %d: pseudo-labeling in a fresh process", count)
@@ -130,8 +127,8 @@ def measure(
         raise RuntimeError(f"pseudo-labeling {count} images failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     progress = [line for line in done.stderr.splitlines() if PROGRESS.search(line)]
-    pool_bytes = (work / "prepared" / "unlabeled" / "images.npy").stat().st_size
-    table_bytes = (work / "pseudo_labels" / "student_1.csv").stat().st_size
+    pool_bytes = (place.prepared / "unlabeled" / "images.npy").stat().st_size
+    table_bytes = place.pseudo_table("student_1").stat().st_size
     before, peak = result["before_kb"], result["peak_kb"]
     return {
         "pool_images": count,

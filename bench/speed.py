@@ -6,23 +6,24 @@
 
 Two ratios, each measured in one process, same model, batch and precision on both sides:
 
-- **training**: ``noisy_student.training.loop.fit`` itself (its DataLoader over a memory-mapped prepared split,
-  albumentations + RandAugment per image, CutMix/MixUp, the normalizing Classifier, the soft
-  cross-entropy, the LR schedule) in images/s, divided by the bare forward + backward + optimizer
-  step of the same network on a synthetic batch already on the device (as timm's benchmark.py
-  measures: no data loading, no augmentation);
-- **pseudo-labeling**: the ``noisy_student.pseudo_labels.labeling.pseudo_label`` stage (model loading, the pool
-  streamed from disk, the probabilities, the CSV table and its summary) in images/s, divided by
-  bare inference of the same network on a synthetic on-device batch.
+- **training**: ``noisy_student.training.loop.fit`` itself (its DataLoader over a memory-mapped
+  prepared split, albumentations + RandAugment per image, CutMix/MixUp, the normalizing
+  Classifier, the soft cross-entropy, the LR schedule) in images/s, divided by the bare forward +
+  backward + optimizer step of the same network on a synthetic batch already on the device (as
+  timm's benchmark.py measures: no data loading, no augmentation);
+- **pseudo-labeling**: the pseudo_label stage's function
+  (``noisy_student.pseudo_labels.labeling.pseudo_label``: model loading, the pool streamed from
+  disk, the probabilities, the CSV table and its summary) in images/s, divided by bare inference
+  of the same network on a synthetic on-device batch.
 
 The bare model is measured right before and after each timed pass of the pipeline (between
-``fit``'s epochs through its ``on_epoch`` hook, whose work is outside the epoch's clock), the
-first epoch and a first pseudo-labeling pass warm up and are left out, and the ratio is best
-over best (timeit's rule on a shared machine: other processes only ever slow a run down), with
-the median ratio of neighbouring passes beside it. ``--compile`` compiles the network in place
-(``nn.Module.compile``) on both sides of the training ratio; pseudo-labeling loads its model from
-disk, so its ratio is always eager on both sides. Results go to ``<out>/speed_<device>.json``
-and ``.md``.
+``fit``'s epochs through its ``FitConfig.on_epoch`` hook, whose work is outside the epoch's
+clock), the first epoch and a first pseudo-labeling pass warm up and are left out, and the ratio
+is best over best (timeit's rule on a shared machine: other processes only ever slow a run
+down), with the median ratio of neighbouring passes beside it. ``--compile`` compiles the network
+in place (``nn.Module.compile``) on both sides of the training ratio; pseudo-labeling loads its
+model from disk, so its ratio is always eager on both sides. Results go to
+``<out>/speed_<device>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.synthetic import CLASSES, write_model, write_pool
+from bench.synthetic import CLASSES, layout, write_model, write_pool
 from noisy_student.augment.policy import TrainTransform, build_policy, randaugment
 from noisy_student.core.atomic import write_text
 from noisy_student.core.settings import (
@@ -55,13 +56,14 @@ from noisy_student.core.settings import (
     known_timm_model,
     load_settings,
 )
-from noisy_student.data.splits import Split, TrainingImages, load_split, make_loader
+from noisy_student.data.loaders import TrainingImages, make_loader
+from noisy_student.data.splits import Split, load_split
 from noisy_student.losses.mixing import one_hot
 from noisy_student.models.classifier import create_model, resolve_device
 from noisy_student.models.inference import autocast, device_memory_format
 from noisy_student.models.transfer import create_optimizer
 from noisy_student.pseudo_labels.labeling import pseudo_label
-from noisy_student.training.loop import fit, seed_everything
+from noisy_student.training.loop import FitConfig, fit, seed_everything
 from noisy_student.training.resume import Checkpoints
 
 log = logging.getLogger("bench.speed")
@@ -193,16 +195,17 @@ def interleaved_training(
     work: Path,
 ) -> dict[str, list[float]]:
     """noisy_student.training.loop.fit itself, as a training runs it (checkpoints every
-    ``runtime.checkpoint_epochs``), with a bare measurement before it and inside its ``on_epoch``
-    hook after every epoch, so that each epoch is compared with the bare speed measured right
-    around it.
+    ``runtime.checkpoint_epochs``), with a bare measurement before it and inside its
+    ``on_epoch`` hook after every epoch, so that each epoch is compared with the bare speed
+    measured right around it.
 
     fit's own epoch clock stops before the hook and the checkpoint, so an epoch's wall time is
     taken from the end of the previous hook to this hook: the previous epoch's checkpoint plus
     this epoch. Returns images/s per epoch from the second on (the first has no such start, and
     warms up), both ways, and the bare speeds around them."""
     net = new_model(spec, device, settings, compile_)
-    checkpoint = Checkpoints(work / "checkpoints", "speed", settings.runtime.checkpoint_epochs)
+    every = settings.runtime.checkpoint_epochs
+    checkpoint = Checkpoints(layout(work).checkpoints, "speed", every)
     around, ends, resumes = [bare(steps)], [], []
 
     def on_epoch(result) -> None:
@@ -210,10 +213,11 @@ def interleaved_training(
         around.append(bare(steps))
         resumes.append(time.perf_counter())
 
-    history = fit(
-        net, items, val, spec, settings.runtime, device, 0, on_epoch, "speed",
+    config = FitConfig(
+        spec, settings.runtime, device, 0, "speed", on_epoch=on_epoch,
         checkpoint=checkpoint.member("speed"),
     )  # fmt: skip
+    history = fit(net, items, val, config)
     walls = [end - resume for end, resume in zip(ends[1:], resumes, strict=False)]
     return {
         "fit_ips": [len(items) / w for w in walls],
@@ -243,13 +247,7 @@ def loader_alone(settings: Settings, spec: ModelTraining, items, device: torch.d
 def pipeline_pseudo_label(settings: Settings, root: Path, count: int) -> float:
     """Images/s of the whole pseudo_label stage on a prepared pool of ``count`` images."""
     start = time.perf_counter()
-    pseudo_label(
-        settings,
-        "student_1",
-        data_dir=root / "prepared",
-        models_dir=root / "models",
-        out_dir=root / "pseudo_labels",
-    )
+    pseudo_label(settings, "student_1", layout(root))
     return count / (time.perf_counter() - start)
 
 
@@ -303,8 +301,8 @@ def measure_size(
     pool = round_to(infer(3) * seconds, infer_batch, 4 * infer_batch, 1_000_000)
     infer_steps = max(3, pool // infer_batch)
     log.info("size %d: pseudo-labeling, a pool of %d images, %d times", size, pool, repeats)
-    write_pool(work / "prepared", pool, size)
-    write_model(work / "models" / "teacher", teacher, size)
+    write_pool(layout(work).prepared, pool, size)
+    write_model(layout(work).model("teacher"), teacher, size)
     pipeline_pseudo_label(settings, work, pool)  # warm-up: the model, the pool's pages
     infer_ips = [infer(infer_steps)]
     label_ips = []

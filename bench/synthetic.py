@@ -1,7 +1,8 @@
 """Synthetic inputs for the speed and scale benchmarks, in the pipeline's own on-disk layouts: a
-prepared pool (noisy_student/data/splits.py: ``images.npy`` + ``index.csv``, written by noisy_student.data.prepare's
-``write_split``) and a model folder (noisy_student/models/classifier.py: safetensors + card). Pixels are random: the
-benchmarks measure time and memory, which do not depend on what the images show."""
+prepared pool (noisy_student/data/splits.py: ``images.npy`` + ``index.csv``, written by
+noisy_student.data.prepare's ``write_split``) and a model folder (safetensors written by
+noisy_student/models/classifier.py, and the card of noisy_student/models/card.py). Pixels are
+random: the benchmarks measure time and memory, which do not depend on what the images show."""
 
 from __future__ import annotations
 
@@ -12,18 +13,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from noisy_student.core.layout import Layout
 from noisy_student.core.settings import ModelTraining
 from noisy_student.data.prepare import write_split
 from noisy_student.data.splits import UNKNOWN
-from noisy_student.models.classifier import (
-    Member,
-    ModelCard,
-    create_model,
-    normalization,
-    save_checkpoint,
-)
+from noisy_student.models.card import Member, ModelCard
+from noisy_student.models.classifier import create_model, normalization, save_checkpoint
 
 CLASSES = [str(c) for c in range(10)]
+
+
+def layout(root: Path) -> Layout:
+    """The benchmarks' work folder as a project: ``prepared/`` (the synthetic splits),
+    ``models/``, ``pseudo_labels/``, ``checkpoints/`` under ``root``."""
+    return Layout.at(root).replace(prepared=root / "prepared")
 
 
 def random_images(count: int, size: int, seed: int) -> Iterator[np.ndarray]:
@@ -34,8 +37,8 @@ def random_images(count: int, size: int, seed: int) -> Iterator[np.ndarray]:
 
 def write_pool(root: Path, count: int, size: int, seed: int = 0, split: str = "unlabeled") -> Path:
     """A prepared split of ``count`` random images under ``root`` (plus classes.json), streamed
-    to disk image by image as noisy_student.data.prepare writes a real one. The pool's labels are unknown;
-    another split's are random."""
+    to disk image by image as noisy_student.data.prepare writes a real one. The pool's labels are
+    unknown; another split's are random."""
     ids = [f"{split}/img_{i:07d}.png" for i in range(count)]
     labels = (
         np.full(count, UNKNOWN)

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, load_params, shrink, write_params
 
 from bench import accuracy, compare, scale, speed
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.settings import load_settings
 from noisy_student.data.splits import UNKNOWN, Split
+from tests.helpers.project import ROOT, write_params
 
 
-def tiny_params(tmp_path, **teacher):
-    params = shrink(load_params())
-    params["teacher"].update(epochs=4, **teacher)
+@pytest.fixture
+def bench_params(tiny_params, tmp_path) -> Path:
+    """params.yaml shrunk further: 8 x 8 digits (the speed, scale and compare benchmarks set
+    their own size), a 4-epoch teacher, one-epoch students."""
+    params = tiny_params
+    params["data"]["image_size"] = 8
+    params["teacher"]["epochs"] = 4
     for student in params["students"]:
-        student["epochs"] = 2
+        student["epochs"] = 1
     params["pseudo_label"]["threshold"] = 0.1  # a 4-epoch teacher is rarely confident
     return write_params(tmp_path / "params.yaml", params)
 
@@ -70,11 +77,38 @@ def test_pool_truth_from_hidden_labels_or_class_folders():
     assert accuracy.pool_truth(pool(["dog/x.png", "z.png"], [UNKNOWN] * 2), classes) is None
 
 
+def test_accuracy_benchmark_takes_its_steps_from_dvc_yaml(tiny_params, tmp_path):
+    """The cell's steps (the teacher and what it needs) and a run's (the rest up to register)
+    come from dvc.yaml as DVC reads it with the run's own rounds."""
+    settings = load_settings(write_params(tmp_path / "params.yaml", tiny_params))
+    cell, run = accuracy.loop_steps(settings)
+    assert [s.stage for s in cell] == ["prepare", "augment", "train_teacher"]
+    assert [s.stage for s in run] == [
+        "augment",
+        "pseudo_label@0",
+        "train_student@0",
+        "pseudo_label@1",
+        "train_student@1",
+        "evaluate",
+        "register",
+    ]
+    assert [s.model for s in run if s.model] == ["student_1", "student_2"]
+    one_round = load_settings(
+        tmp_path / "params.yaml", {"students": [settings.students[0].model_dump(mode="json")]}
+    )
+    run = accuracy.loop_steps(one_round)[1]
+    assert [s.stage for s in run if "@" in s.stage] == ["pseudo_label@0", "train_student@0"]
+
+
+def test_compare_refuses_a_revision_without_the_package():
+    with pytest.raises(PipelineError, match="noisy_student package"):
+        compare.module_at("a726fc9", "noisy_student/pseudo_labels/labeling.py")
+
+
 @pytest.mark.slow
-def test_accuracy_benchmark_runs_shares_the_teacher_and_resumes(tmp_path):
-    params = tiny_params(tmp_path)
+def test_accuracy_benchmark_runs_shares_the_teacher_and_resumes(bench_params, tmp_path):
     kwargs = dict(
-        params_file=params,
+        params_file=bench_params,
         labels_per_class=[3],
         seeds=[0],
         variants=["baseline", "threshold_off"],
@@ -87,12 +121,26 @@ def test_accuracy_benchmark_runs_shares_the_teacher_and_resumes(tmp_path):
     assert set(by_variant) == {"baseline", accuracy.UPPER, "threshold_off"}
     base, upper = by_variant["baseline"], by_variant[accuracy.UPPER]
     assert list(base["test_accuracy"]) == ["teacher", "student_1", "student_2"]
+    # the steps dvc.yaml wires after the teacher, each timed
+    assert list(base["seconds"]) == [
+        "pseudo_label_student_1",
+        "train_student_1",
+        "pseudo_label_student_2",
+        "train_student_2",
+        "total",
+    ]
     # one teacher for the cell: every run scores the same one
     teachers = {r["test_accuracy"]["teacher"] for r in rows}
     assert len(teachers) == 1
     # the upper bound learned from the truth: every pool row kept, all of them right
     assert upper["pseudo_labels"]["final"]["kept_accuracy"] == 1.0
     assert upper["pseudo_labels"]["final"]["kept"] == upper["pseudo_labels"]["final"]["pool_images"]
+    # each run evaluated and registered in its own folder, on the cell's one dataset
+    (cell,) = (tmp_path / "work").glob("digits-lpc3-seed0-*")
+    for variant in by_variant:
+        assert (cell / "runs" / variant / "registry.json").exists()
+        assert (cell / "runs" / variant / "test_predictions" / "teacher.csv").exists()
+    assert not list(cell.glob("runs/*/prepared"))
     threshold_off = by_variant["threshold_off"]["pseudo_labels"]["student_1"]
     assert threshold_off["kept"] == threshold_off["pool_images"]
     assert "digits, 3 labels/class" in text and "threshold off" in text
@@ -103,9 +151,9 @@ def test_accuracy_benchmark_runs_shares_the_teacher_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_speed_benchmark_times_fit_and_pseudo_label_against_the_bare_model(tmp_path):
+def test_speed_benchmark_times_fit_and_pseudo_label_against_the_bare_model(bench_params, tmp_path):
     result = speed.run(
-        params_file=tiny_params(tmp_path),
+        params_file=bench_params,
         device="cpu",
         sizes=(16,),
         model="test_resnet",
@@ -123,20 +171,21 @@ def test_speed_benchmark_times_fit_and_pseudo_label_against_the_bare_model(tmp_p
 
 
 @pytest.mark.slow
-def test_scale_benchmark_measures_a_fresh_process_per_pool(tmp_path):
+def test_scale_benchmark_measures_a_fresh_process_per_pool(bench_params, tmp_path):
     result = scale.run(
         pools=(300, 600),
         size=16,
         model="test_resnet",
         batch=64,
-        params_file=tiny_params(tmp_path),
+        params_file=bench_params,
         out_dir=tmp_path,
     )
     small, large = result["pools"]
     assert large["pool_file_mb"] == pytest.approx(2 * small["pool_file_mb"], rel=0.01)
     assert small["rss_anon_growth_mb"] > 0 and large["seconds"] > 0
     # off a terminal the stage logs at most a line per 5 s, and a step quicker than that stays
-    # silent (noisy_student/core/progress.py): pools this small may log nothing; what is logged is progress
+    # silent (noisy_student/core/progress.py): pools this small may log nothing; what is logged
+    # is progress
     lines = large["progress_lines"]
     assert all(scale.PROGRESS.search(line) for line in lines)
     assert not lines or lines[-1].startswith("pseudo-label (teacher): 600/600 images (100%)")
@@ -144,13 +193,13 @@ def test_scale_benchmark_measures_a_fresh_process_per_pool(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_runs_both_revisions_and_checks_their_tables(tmp_path):
+def test_compare_runs_both_revisions_and_checks_their_tables(bench_params, tmp_path):
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.strip()
     result = compare.run(
         before=head,
-        params_file=tiny_params(tmp_path),
+        params_file=bench_params,
         device="cpu",
         size=16,
         model="test_resnet",
