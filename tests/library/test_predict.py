@@ -1,23 +1,25 @@
-"""`python -m noisy_student.predict`: a real folder of PNG/JPEG images classified by a trained model."""
+"""`python -m noisy_student.predict`: a real folder of PNG/JPEG images classified by a trained
+model."""
 
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, venv_env
-from test_prepare import write_image_folders
 
 from noisy_student.core.errors import PipelineError
+from noisy_student.core.layout import Layout
 from noisy_student.core.settings import load_settings
-from noisy_student.data.prepare import list_images, read_image
+from noisy_student.data.images import list_images, read_image
 from noisy_student.models.classifier import load_checkpoint
 from noisy_student.predict import predict
+from tests.helpers.entry import run_main
+from tests.helpers.images import write_image_folders
+
+pytestmark = pytest.mark.slow  # every test reads the session's trained project (minutes)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,11 @@ def test_any_rounds_model_can_predict(trained_project, folder, tmp_path):
         settings = load_settings()
         predict(settings, folder, model="teacher", out=tmp_path / "teacher.csv")
         predict(settings, folder, model="models/teacher", out=tmp_path / "by_path.csv")
+    # from anywhere, with the project's layout
+    layout = Layout.at(trained_project)
+    predict(settings, folder, model="teacher", out=tmp_path / "by_layout.csv", layout=layout)
     assert (tmp_path / "teacher.csv").read_bytes() == (tmp_path / "by_path.csv").read_bytes()
+    assert (tmp_path / "teacher.csv").read_bytes() == (tmp_path / "by_layout.csv").read_bytes()
 
 
 def test_bad_input_is_one_line_and_leaves_no_file(trained_project, folder, tmp_path):
@@ -78,19 +84,11 @@ def test_bad_input_is_one_line_and_leaves_no_file(trained_project, folder, tmp_p
     assert not out.exists() and list(tmp_path.glob(".out.csv*")) == []
 
 
-def test_command_line(trained_project, folder, tmp_path):
-    env = {**venv_env(), "PYTHONPATH": str(ROOT)}  # the project folder holds no code
+def test_command_line(trained_project, folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(trained_project)
     out = tmp_path / "p.csv"
-    command = [sys.executable, "-m", "noisy_student.predict", str(folder), "--out", str(out)]
-    result = subprocess.run(command, cwd=trained_project, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "student_1 classified" in result.stderr and len(pd.read_csv(out)) > 0
-    result = subprocess.run(
-        [sys.executable, "-m", "noisy_student.predict", str(tmp_path / "nope")],
-        cwd=trained_project,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {tmp_path / 'nope'}: not a folder of images"
+    assert run_main("noisy_student.predict", [str(folder), "--out", str(out)]) == 0
+    stderr = capsys.readouterr().err
+    assert "student_1 classified" in stderr and len(pd.read_csv(out)) > 0
+    assert run_main("noisy_student.predict", [str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope'}: not a folder of images"

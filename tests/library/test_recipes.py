@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import timm
 import yaml
-from conftest import ROOT, venv_env
 from safetensors.torch import save_file
 
-from noisy_student.augment.policy import augment
+from noisy_student.augment.artifacts import augment
 from noisy_student.core.errors import PipelineError
+from noisy_student.core.layout import Layout
 from noisy_student.core.settings import Settings, apply_overrides
 from noisy_student.data.prepare import prepare
 from noisy_student.recipes import dvc_command, load_recipe
 from noisy_student.training.train import train
+from tests.helpers.entry import run_main
+from tests.helpers.project import ROOT
 
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -54,7 +54,7 @@ def test_dvc_command_sets_each_key():
     ]  # fmt: skip
 
 
-def test_a_bad_recipe_names_the_file_and_key(tmp_path):
+def test_a_bad_recipe_names_the_file_and_key(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "typo.yaml"
     bad.write_text("distill.enabeld: true\n")
     with pytest.raises(PipelineError, match=r"typo.yaml: .*no key 'enabeld'"):
@@ -62,27 +62,18 @@ def test_a_bad_recipe_names_the_file_and_key(tmp_path):
     bad.write_text("distill.alpha: 3\n")
     with pytest.raises(PipelineError, match=r"typo.yaml on .*params.yaml: distill.alpha:"):
         load_recipe(bad, ROOT / "params.yaml")
-    result = subprocess.run(
-        [sys.executable, "-m", "noisy_student.recipes", str(bad), "--print"],
-        cwd=ROOT,
-        env=venv_env(),
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: ") and "distill.alpha" in result.stderr
+    capsys.readouterr()
+    monkeypatch.chdir(ROOT)
+    assert run_main("noisy_student.recipes", [str(bad), "--print"]) == 1
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    assert stderr.startswith("error: ") and "distill.alpha" in stderr
 
 
-def test_json_output_is_the_flows_overrides():
-    result = subprocess.run(
-        [sys.executable, "-m", "noisy_student.recipes", "configs/distillation.yaml", "--json"],
-        cwd=ROOT,
-        env=venv_env(),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert json.loads(result.stdout)["distill.enabled"] is True
+def test_json_output_is_the_flows_overrides(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert run_main("noisy_student.recipes", ["configs/distillation.yaml", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["distill.enabled"] is True
 
 
 @pytest.mark.slow
@@ -98,9 +89,10 @@ def test_transfer_recipes_train_from_local_weights(tmp_path, tiny_params, monkey
     params["teacher"]["epochs"] = 2
     params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
     settings = Settings.model_validate(params)
-    prepare(settings)
-    augment(settings)
-    history = train(settings, "teacher")
+    layout = Layout.at(tmp_path)
+    prepare(settings, layout)
+    augment(settings, layout)
+    history = train(settings, "teacher", layout)
     assert len(history) == 2
     if recipe == "transfer_linear_probe":
         import math

@@ -5,22 +5,20 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from noisy_student.augment.policy import (
-    TrainTransform,
-    augment,
-    build_policy,
-    load_policy,
-    randaugment,
-)
+from noisy_student.augment.artifacts import augment
+from noisy_student.augment.policy import TrainTransform, build_policy, load_policy, randaugment
+from noisy_student.core.layout import Layout
 from noisy_student.core.settings import Settings
+from noisy_student.data.loaders import ImageDataset, make_loader
 from noisy_student.data.prepare import prepare
-from noisy_student.data.splits import ImageDataset, make_loader
 
 
 def test_saved_policy_replays_the_same_augmentations(tmp_path, tiny_params):
     settings = Settings.model_validate(tiny_params)
-    prepare(settings, tmp_path / "prepared")
-    out = augment(settings, tmp_path / "augment", tmp_path / "prepared")
+    layout = Layout.at(tmp_path)
+    prepare(settings, layout)
+    out = augment(settings, layout)
+    assert out == layout.augment
     image = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
     built = build_policy(settings.augment.student, 16, seed=7)
     loaded = load_policy("student", seed=7, folder=out)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import Settings, apply_overrides, load_settings
-from tests.conftest import ROOT, venv_env, write_params
+from tests.helpers.entry import run_main
+from tests.helpers.project import ROOT, write_params
 
 
 def test_shipped_params_validate():
@@ -95,22 +93,16 @@ def test_overrides_leave_the_original_untouched(params):
     assert params["pseudo_label"]["threshold"] == before
 
 
-def test_cli_prints_one_line_and_exits_non_zero(tmp_path, params):
+def test_cli_prints_one_line_and_exits_non_zero(tmp_path, params, monkeypatch, capsys):
     params["pseudo_label"]["threshold"] = 2
     bad = write_params(tmp_path / "bad.yaml", params)
-    # the stage runs in an empty project folder: what it would write lands under tmp_path
-    result = subprocess.run(
-        [sys.executable, "-m", "tasks.prepare", "--params", str(bad)],
-        cwd=tmp_path,
-        env={**venv_env(), "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    monkeypatch.chdir(tmp_path)  # an empty project folder: what the stage writes lands here
+    assert run_main("tasks.prepare", ["--params", str(bad)]) == 2
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
     assert lines == [
         f"error: {bad}: pseudo_label.threshold: Input should be less than or equal to 1, got 2"
     ]
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # stopped before any work
     assert not Layout.at(tmp_path).prepared.exists()

@@ -111,12 +111,12 @@ def test_ensemble_averages_member_probabilities():
 def test_clean_and_online_teachers_agree_when_nothing_is_noised():
     """Without augmentation or mixing the student's view is the clean image, so the teacher's
     outputs computed once ahead must train the student exactly like the teacher run per batch."""
-    from conftest import load_params
-
     from noisy_student.core.settings import ModelTraining, RuntimeSettings
-    from noisy_student.data.splits import UNKNOWN, Split, TrainingImages
+    from noisy_student.data.loaders import TrainingImages
+    from noisy_student.data.splits import UNKNOWN, Split
     from noisy_student.losses.distill import Distillation, precompute
-    from noisy_student.training.loop import fit
+    from noisy_student.training.loop import FitConfig, fit
+    from tests.helpers.project import load_params
 
     cpu = RuntimeSettings.model_validate(
         {**load_params()["runtime"], "device": "cpu", "num_workers": 0}
@@ -140,7 +140,8 @@ def test_clean_and_online_teachers_agree_when_nothing_is_noised():
         items = TrainingImages(images, rows, np.zeros((8, 3)), np.ones(8), probs)
         torch.manual_seed(5)
         student = tiny_net(5)
-        fit(student, items, val, spec, cpu, torch.device("cpu"), 0, lambda r: None, "s", distill)
+        config = FitConfig(spec, cpu, torch.device("cpu"), 0, "s", distill, lambda r: None)
+        fit(student, items, val, config)
         weights.append(student.state_dict())
     for key, value in weights[0].items():
         torch.testing.assert_close(value, weights[1][key], rtol=1e-4, atol=1e-5)

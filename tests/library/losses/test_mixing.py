@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import load_params
 
 from noisy_student.core.settings import ModelTraining
 from noisy_student.losses.mixing import BatchMixer, one_hot, sharpen
+from tests.helpers.project import load_params
 
 
 def spec(**mix) -> ModelTraining:

@@ -12,24 +12,31 @@ import pytest
 import torch
 
 from noisy_student.core.errors import PipelineError
+from noisy_student.core.layout import Layout
 from noisy_student.core.settings import load_settings
 from noisy_student.data.splits import load_split
 from noisy_student.models.classifier import load_checkpoint
 from noisy_student.models.onnx_export import ATOL, INPUT, OUTPUT, RTOL, check_against_torch, export
 
+pytestmark = pytest.mark.slow  # every test reads the session's trained project (minutes)
+
 
 @pytest.fixture(scope="module")
 def exported(trained_project, tmp_path_factory):
     out = tmp_path_factory.mktemp("exports") / "final.onnx"
+    final = Layout.at(trained_project).final_export
+    there = final.exists() and final.stat().st_mtime_ns
     with contextlib.chdir(trained_project):
-        export(load_settings(), out=out)
+        written = export(load_settings(), Layout.at(trained_project), out=out)
+    assert written == out
+    assert (final.exists() and final.stat().st_mtime_ns) == there  # the project's own untouched
     return trained_project, out
 
 
 def test_onnx_runtime_matches_pytorch_on_test_images_at_any_batch_size(exported):
     project, path = exported
     classifier, card = load_checkpoint(project / "models/student_1")  # the last round's
-    images = load_split("test", project / "data/prepared").images
+    images = load_split("test", Layout.at(project).prepared).images
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (given,) = session.get_inputs()
     assert given.name == INPUT and given.shape[1:] == [3, card.image_size, card.image_size]
@@ -57,6 +64,6 @@ def test_the_check_fails_on_a_model_that_differs(exported):
     """The export's own check is not a formality: another model's ONNX file fails it."""
     project, path = exported
     teacher, _ = load_checkpoint(project / "models/teacher")
-    images = np.asarray(load_split("val", project / "data/prepared").images[:4])
+    images = np.asarray(load_split("val", Layout.at(project).prepared).images[:4])
     with pytest.raises(PipelineError, match="ONNX Runtime's logits differ from PyTorch's"):
         check_against_torch(teacher, path, images)

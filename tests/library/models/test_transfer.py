@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import load_params
 from safetensors.torch import save_file
 from timm.scheduler import CosineLRScheduler
 
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.settings import ModelTraining, RuntimeSettings
-from noisy_student.data.splits import UNKNOWN, Split, TrainingImages
+from noisy_student.data.loaders import TrainingImages
+from noisy_student.data.splits import UNKNOWN, Split
 from noisy_student.losses.mixing import one_hot
 from noisy_student.models.classifier import create_model
 from noisy_student.models.transfer import (
@@ -24,7 +24,8 @@ from noisy_student.models.transfer import (
     freeze_backbone,
     parameter_groups,
 )
-from noisy_student.training.loop import fit
+from noisy_student.training.loop import FitConfig, fit
+from tests.helpers.project import load_params
 
 CPU = RuntimeSettings.model_validate(
     {**load_params()["runtime"], "device": "cpu", "num_workers": 0}
@@ -52,7 +53,7 @@ def test_linear_probe_trains_the_head_only():
     model = create_model(recipe, 3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train, val = tiny_data()
-    fit(model, train, val, recipe, CPU, torch.device("cpu"), 0, lambda r: None, "probe")
+    fit(model, train, val, FitConfig(recipe, CPU, torch.device("cpu"), 0, "probe"))
     after = model.state_dict()
     assert set(after) == set(before)  # plain BatchNorm again: loads into a fresh timm model
     head = {k for k in before if k.startswith("fc.")}
@@ -70,7 +71,7 @@ def test_finetune_trains_the_backbone_too():
     model = create_model(recipe, 3)
     before = model.conv1[0].weight.clone()
     train, val = tiny_data()
-    fit(model, train, val, recipe, CPU, torch.device("cpu"), 0, lambda r: None, "finetune")
+    fit(model, train, val, FitConfig(recipe, CPU, torch.device("cpu"), 0, "finetune"))
     assert not torch.equal(before, model.conv1[0].weight)
 
 

@@ -10,15 +10,9 @@ import torch
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.settings import PseudoLabelSettings
 from noisy_student.data.splits import UNKNOWN, Split
-from noisy_student.pseudo_labels.labeling import (
-    append_csv,
-    balance_copies,
-    label_rows,
-    load_pseudo_labels,
-    select,
-    summarize,
-    write_with_copies,
-)
+from noisy_student.pseudo_labels.labeling import label_rows
+from noisy_student.pseudo_labels.selection import balance_copies, select, summarize
+from noisy_student.pseudo_labels.table import append_csv, load_pseudo_labels, write_with_copies
 
 CLASSES = ["cat", "dog", "fox"]
 

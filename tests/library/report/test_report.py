@@ -16,15 +16,13 @@ import pytest
 from PIL import Image
 
 from noisy_student.core.errors import PipelineError
+from noisy_student.core.layout import Layout
 from noisy_student.core.settings import load_settings
 from noisy_student.report import figures
-from noisy_student.report.report import (
-    histogram_rows,
-    mcnemar,
-    prefect_markdown,
-    report,
-    verdict,
-)
+from noisy_student.report.gather import mcnemar, verdict
+from noisy_student.report.plots import histogram_rows
+from noisy_student.report.render import prefect_markdown
+from noisy_student.report.report import report
 from noisy_student.tracking.runs import ParentRun, start_parent_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -75,16 +73,23 @@ def test_round_picture_without_the_pool_truth(tmp_path):
         assert image.format == "PNG" and image.size[0] > 800
 
 
-@pytest.fixture
-def reported(trained_project, tmp_path):
-    """The report stage run on the shared project, its outputs written under tmp_path."""
-    out = tmp_path / "reports"
+def elsewhere(project, out) -> Layout:
+    """The project's layout with the report's outputs moved under ``out``."""
+    return Layout.at(project).replace(plots=out / "plots", report=out / "report.html")
+
+
+@pytest.fixture(scope="module")
+def reported(trained_project, tmp_path_factory):
+    """The report stage run once on the shared project, its outputs written elsewhere."""
+    out = tmp_path_factory.mktemp("reports")
     with contextlib.chdir(trained_project):
         settings = load_settings()
-        page = report(settings, plots_dir=out / "plots", report_file=out / "report.html")
+        page = report(settings, elsewhere(trained_project, out))
+    assert page == out / "report.html"
     return trained_project, settings, page, out
 
 
+@pytest.mark.slow
 def test_report_page_holds_every_picture(reported):
     project, settings, page, out = reported
     text = page.read_text()
@@ -109,6 +114,7 @@ def test_report_page_holds_every_picture(reported):
     assert "Round 1, student_1: " in text
 
 
+@pytest.mark.slow
 def test_report_data_matches_what_the_stages_wrote(reported):
     project, _, _, out = reported
     rounds = pd.read_csv(out / "plots/rounds.csv")
@@ -136,6 +142,7 @@ def test_report_data_matches_what_the_stages_wrote(reported):
     assert curves["val_accuracy"].tolist() == history["val_accuracy"].tolist()
 
 
+@pytest.mark.slow
 def test_report_under_dvc_repro_is_an_mlflow_run_of_its_own(reported):
     project, settings, _, _ = reported
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
@@ -158,13 +165,14 @@ def test_report_under_dvc_repro_is_an_mlflow_run_of_its_own(reported):
     )
 
 
+@pytest.mark.slow
 def test_report_in_a_flow_goes_to_the_parent_run(trained_project, tmp_path):
     out = tmp_path / "reports"
     with contextlib.chdir(trained_project):
         settings = load_settings()
         parent: ParentRun = start_parent_run(settings.mlflow, "flow-run", {"stage": "flow"}, {})
         before = len(mlflow.search_runs(experiment_names=[settings.mlflow.experiment]))
-        report(settings, plots_dir=out / "plots", report_file=out / "report.html", parent=parent)
+        report(settings, elsewhere(trained_project, out), parent=parent)
         after = len(mlflow.search_runs(experiment_names=[settings.mlflow.experiment]))
     assert after == before  # no run of its own
     client = mlflow.MlflowClient()
@@ -173,31 +181,40 @@ def test_report_in_a_flow_goes_to_the_parent_run(trained_project, tmp_path):
     client.set_terminated(parent.run_id)
 
 
+@pytest.mark.slow
 def test_prefect_markdown_inlines_the_pictures(reported):
     project, _, _, out = reported
-    markdown = prefect_markdown(out / "plots", project / "reports/registry.json")
+    markdown = prefect_markdown(elsewhere(project, out))
     inlined = re.findall(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown)
     assert len(inlined) == 5
     assert all(base64.b64decode(data).startswith(PNG) for data in inlined)
     assert "| 1 | student_1 | test_resnet |" in markdown
 
 
+@pytest.mark.slow
 def test_missing_inputs_are_one_line_errors(trained_project, tmp_path):
+    layout = Layout.at(trained_project).replace(
+        plots=tmp_path / "p", report=tmp_path / "report.html"
+    )
     with contextlib.chdir(trained_project):
         settings = load_settings()
         with pytest.raises(PipelineError, match=r"nothing.json: not found; run the evaluate"):
-            report(settings, metrics_file=tmp_path / "nothing.json", plots_dir=tmp_path / "p")
+            report(settings, layout.replace(metrics=tmp_path / "nothing.json"))
         empty = tmp_path / "predictions"
         empty.mkdir()
         with pytest.raises(PipelineError, match=r"teacher.csv: not found; run the evaluate"):
-            report(settings, predictions_dir=empty, plots_dir=tmp_path / "p")
-    assert not (tmp_path / "p").exists()
+            report(settings, layout.replace(test_predictions=empty))
+        with pytest.raises(PipelineError, match=r"none.json: not found; run the register"):
+            report(settings, layout.replace(registry=tmp_path / "none.json"))
+    assert not (tmp_path / "p").exists() and not (tmp_path / "report.html").exists()
 
 
+@pytest.mark.slow
 def test_a_stale_pseudo_label_table_is_refused(trained_project, tmp_path):
     pseudo = tmp_path / "pseudo_labels"
     shutil.copytree(trained_project / "pseudo_labels", pseudo)
     table = pd.read_csv(pseudo / "student_1.csv", dtype={"id": str})
     table.iloc[:-1].to_csv(pseudo / "student_1.csv", index=False)
+    layout = Layout.at(trained_project).replace(pseudo_labels=pseudo, plots=tmp_path / "p")
     with contextlib.chdir(trained_project), pytest.raises(PipelineError, match="do not match"):
-        report(load_settings(), pseudo_dir=pseudo, plots_dir=tmp_path / "p")
+        report(load_settings(), layout)

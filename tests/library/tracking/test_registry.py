@@ -1,5 +1,6 @@
 """The MLflow model registry, against a real sqlite store: one version per trained model, no
-duplicates when evaluate runs again, `champion` on the best, and the champion loads and predicts."""
+duplicates when evaluate and register run again, `champion` on the best, and the champion loads
+and predicts."""
 
 from __future__ import annotations
 
@@ -11,10 +12,17 @@ import numpy as np
 import pytest
 import torch
 
+from noisy_student.core.layout import Layout
 from noisy_student.core.settings import load_settings
 from noisy_student.evaluation.evaluate import evaluate
 from noisy_student.models.classifier import load_checkpoint
-from noisy_student.tracking.registry import CHAMPION, champion_of, point_champion, register
+from noisy_student.tracking.registry import (
+    CHAMPION,
+    champion_of,
+    point_champion,
+    register,
+    register_models,
+)
 
 
 def test_the_champion_is_the_best_and_a_tie_goes_to_the_earlier_round():
@@ -35,6 +43,7 @@ def versions_of(client, name: str) -> list:
     return sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
 
 
+@pytest.mark.slow
 def test_every_model_is_a_version_and_the_best_is_champion(trained_project):
     with project_store(trained_project) as (settings, client):
         name = settings.mlflow.registered_model
@@ -61,14 +70,26 @@ def test_every_model_is_a_version_and_the_best_is_champion(trained_project):
         assert champion.tags["model_name"] == best
 
 
-def test_evaluating_again_adds_no_version(trained_project):
+@pytest.mark.slow
+def test_evaluating_and_registering_again_adds_no_version(trained_project, tmp_path):
+    # the stages' files go under tmp_path: the shared project stays as the fixture left it
+    layout = Layout.at(trained_project).replace(
+        metrics=tmp_path / "metrics.json",
+        comparison=tmp_path / "comparison.md",
+        test_predictions=tmp_path / "test_predictions",
+        registry=tmp_path / "registry.json",
+    )
     with project_store(trained_project) as (settings, client):
         name = settings.mlflow.registered_model
         before = [(v.version, v.run_id) for v in versions_of(client, name)]
-        evaluate(settings)
+        evaluate(settings, layout)
+        registered = register_models(settings, layout)
         assert [(v.version, v.run_id) for v in versions_of(client, name)] == before
+    recorded = json.loads((trained_project / "reports/registry.json").read_text())
+    assert registered == recorded == json.loads(layout.registry.read_text())
 
 
+@pytest.mark.slow
 def test_the_alias_follows_the_accuracies_and_can_be_put_back(trained_project):
     with project_store(trained_project) as (settings, client):
         cfg = settings.mlflow
@@ -84,7 +105,7 @@ def test_the_alias_follows_the_accuracies_and_can_be_put_back(trained_project):
                 alias = client.get_model_version_by_alias(cfg.registered_model, CHAMPION)
                 assert result["champion"] == best and alias.tags["model_name"] == best
                 assert len(versions_of(client, cfg.registered_model)) == 2
-        finally:  # what the fixture's evaluate found, for the other tests
+        finally:  # what the fixture's register stage found, for the other tests
             register(cfg, {m["model"]: m["test_accuracy"] for m in recorded["models"]}, run_ids,
                      architectures)  # fmt: skip
         point_champion(cfg, {**recorded, "champion": "teacher"})
@@ -95,6 +116,7 @@ def test_the_alias_follows_the_accuracies_and_can_be_put_back(trained_project):
         assert alias.tags["model_name"] == recorded["champion"]
 
 
+@pytest.mark.slow
 def test_a_model_without_a_run_is_left_out_not_fatal(trained_project):
     with project_store(trained_project) as (settings, client):
         result = register(
@@ -108,6 +130,7 @@ def test_a_model_without_a_run_is_left_out_not_fatal(trained_project):
         assert versions_of(client, "no-runs") == []
 
 
+@pytest.mark.slow
 def test_the_champion_loads_from_the_registry_and_predicts_like_its_checkpoint(trained_project):
     with project_store(trained_project) as (settings, _):
         recorded = json.loads((trained_project / "reports/registry.json").read_text())

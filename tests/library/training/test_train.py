@@ -5,8 +5,9 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from noisy_student.augment.policy import augment
+from noisy_student.augment.artifacts import augment
 from noisy_student.core.errors import PipelineError
+from noisy_student.core.layout import Layout
 from noisy_student.core.settings import Settings
 from noisy_student.data.prepare import prepare
 from noisy_student.evaluation.evaluate import evaluate
@@ -27,45 +28,37 @@ def test_round_flags_must_match_params(params):
         check_round_flags(settings, "student_1", ["--colour", "red"])
 
 
+@pytest.mark.slow
 def test_teacher_student_loop_tracks_every_run(tmp_path, tiny_params, monkeypatch):
     """Every technique at once: an ensemble teacher, soft and balanced pseudo-labels, a student
     under RandAugment, MixUp/CutMix and label smoothing, distilled from its teacher."""
     monkeypatch.chdir(tmp_path)  # MLflow's artifact root defaults to ./mlruns
     tiny_params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
     tiny_params["students"] = tiny_params["students"][:1]
-    tiny_params["teacher"]["ensemble"] = ["test_resnet"]
+    tiny_params["teacher"].update(ensemble=["test_resnet"], epochs=12)  # enough to beat chance
+    tiny_params["students"][0]["epochs"] = 2
     tiny_params["pseudo_label"].update(labels="soft", temperature=0.5, balance=True)
     tiny_params["distill"]["enabled"] = True
     tiny_params["students"][0].update(
         mixup_p=0.3, cutmix_p=0.5, label_smoothing=0.1, randaugment_n=2, randaugment_m=9
     )
     settings = Settings.model_validate(tiny_params)
-    dirs = {"data_dir": tmp_path / "data", "models_dir": tmp_path / "models"}
-    prepare(settings, dirs["data_dir"])
-    augment(settings, tmp_path / "augment", dirs["data_dir"])
+    layout = Layout.at(tmp_path)
+    prepare(settings, layout)
+    augment(settings, layout)
 
-    history = train(settings, "teacher", augment_dir=tmp_path / "augment", **dirs)
+    history = train(settings, "teacher", layout)
     epochs = settings.teacher.epochs
     assert len(history) == 2 * epochs  # two members
     for member in (history[:epochs], history[epochs:]):
         assert member[-1].train_loss < member[0].train_loss
         assert member[-1].val_accuracy > 0.3  # ten classes: chance is 0.1
 
-    summary = pseudo_label(settings, "student_1", out_dir=tmp_path / "pl", **dirs)
+    summary = pseudo_label(settings, "student_1", layout)
     assert summary["kept"] > 0
     assert len(set(summary["trained_per_class"].values()) - {0}) == 1  # balanced
-    train(
-        settings, "student_1", augment_dir=tmp_path / "augment", pseudo_dir=tmp_path / "pl", **dirs
-    )
-    metrics = evaluate(
-        settings,
-        pseudo_dir=tmp_path / "pl",
-        metrics_file=tmp_path / "metrics.json",
-        comparison_file=tmp_path / "comparison.md",
-        predictions_dir=tmp_path / "test_predictions",
-        registry_file=tmp_path / "registry.json",
-        **dirs,
-    )
+    train(settings, "student_1", layout)
+    metrics = evaluate(settings, layout)
     assert set(metrics) == {"teacher", "student_1"}
     assert metrics["teacher"]["model"] == "test_resnet+test_resnet"
     assert {"member_0_test_accuracy", "member_1_test_accuracy"} <= set(metrics["teacher"])
@@ -101,9 +94,9 @@ def test_teacher_student_loop_tracks_every_run(tmp_path, tiny_params, monkeypatc
     )
     assert len(logged) == 2
 
-    model, card = load_checkpoint(tmp_path / "models" / "student_1")
+    model, card = load_checkpoint(layout.model("student_1"))
     assert card.mlflow_run_id == student.info.run_id and card.classes == [str(i) for i in range(10)]
-    ensemble, card = load_checkpoint(tmp_path / "models" / "teacher")
+    ensemble, card = load_checkpoint(layout.model("teacher"))
     assert len(ensemble.nets) == 2 and card.members[1].weights == "member_1.safetensors"
 
 
@@ -116,21 +109,17 @@ def test_failed_training_ends_its_mlflow_run_failed(tmp_path, tiny_params, monke
     monkeypatch.chdir(tmp_path)
     tiny_params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
     settings = Settings.model_validate(tiny_params)
-    prepare(settings, tmp_path / "data")
-    augment(settings, tmp_path / "augment", tmp_path / "data")
-    dirs = {
-        "data_dir": tmp_path / "data",
-        "augment_dir": tmp_path / "augment",
-        "models_dir": tmp_path / "models",
-    }
+    layout = Layout.at(tmp_path)
+    prepare(settings, layout)
+    augment(settings, layout)
     monkeypatch.setattr(noisy_student.training.train, "fit", broken_fit)
     with pytest.raises(RuntimeError, match="out of memory"):
-        train(settings, "teacher", **dirs)
+        train(settings, "teacher", layout)
     mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
     (failed,) = mlflow.search_runs(experiment_names=["noisy-student"], output_format="list")
     assert failed.info.status == "FAILED" and failed.info.run_name == "teacher"
-    assert not (tmp_path / "models" / "teacher").exists()
+    assert not layout.model("teacher").exists()
     with pytest.raises(PipelineError, match="run the pseudo_label stage first"):
-        train(settings, "student_1", pseudo_dir=tmp_path / "nowhere", **dirs)
+        train(settings, "student_1", layout.replace(pseudo_labels=tmp_path / "nowhere"))
     with pytest.raises(PipelineError, match="unknown model 'student_9'"):
-        train(settings, "student_9", data_dir=tmp_path / "data")
+        train(settings, "student_9", layout)
