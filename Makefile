@@ -15,7 +15,9 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 $(STAMP): requirements.lock
 	@test -x $(VENV)/bin/python || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(VENV)/bin/uv pip sync --quiet --python $(VENV)/bin/python requirements.lock
+	@# bytecode compiled once here: with PYTHONDONTWRITEBYTECODE set (as on these machines) every
+	@# stage process would otherwise compile torch, timm and MLflow from source at each import
+	$(VENV)/bin/uv pip sync --quiet --compile-bytecode --python $(VENV)/bin/python requirements.lock
 	@touch $@
 
 demo: $(STAMP)  ## run the whole Noisy Student pipeline on the built-in digits demo
