@@ -1,21 +1,29 @@
-"""Shared fixtures: the real params.yaml, shrunk for tests (tiny models, few epochs, CPU)."""
+"""Shared fixtures: the real params.yaml, shrunk for tests (tiny models, few epochs, CPU), and the
+tiny projects the end-to-end tests share, each trained once per session (tests/helpers/)."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.project import (  # noqa: F401  (the names test modules import from here)
+    ROOT,
+    load_params,
+    make_project,
+    quick,
+    run,
+    shrink,
+    training_runs,
+    venv_env,
+    write_params,
+)
+
 # keep every tool from calling home, in this process and in the ones it starts
 for key, value in {
     "DVC_NO_ANALYTICS": "1",
@@ -28,6 +36,14 @@ for key, value in {
     "GIT_COMMITTER_EMAIL": "tests@example.com",
 }.items():
     os.environ.setdefault(key, value)
+# every stage `dvc repro` runs is a Python process importing torch, timm and MLflow: with bytecode
+# cached (apart from the source tree, shared by the sessions) each import takes half the time
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+os.environ.setdefault(
+    "PYTHONPYCACHEPREFIX", str(Path(tempfile.gettempdir()) / "noisy-student-tests-pycache")
+)
+sys.dont_write_bytecode = False
+sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"]
 # Prefect's settings, database and profiles of the tests stay out of the user's ~/.prefect
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
 os.environ.pop("PREFECT_API_URL", None)
@@ -43,25 +59,6 @@ def _tracking_uri_stays_out_of_the_environment():
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
-def load_params() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
-
-
-def shrink(params: dict[str, Any]) -> dict[str, Any]:
-    """The real params with small models and few epochs: minutes of CPU for the whole loop."""
-    p = copy.deepcopy(params)
-    p["data"]["image_size"] = 16
-    p["augment"]["preview_images"] = 2
-    p["augment"]["preview_samples"] = 1
-    p["pseudo_label"]["threshold"] = 0.6  # tiny models are rarely more confident
-    p["teacher"].update(model="test_resnet", epochs=30, batch_size=8, warmup_epochs=1, lr=0.005)
-    for student in p["students"]:
-        student.update(model="test_resnet", epochs=6, batch_size=32, warmup_epochs=0, lr=0.005)
-        student.update(drop_path_rate=0.0)
-    p["flow"].update(retries=0, retry_delay_seconds=0)  # a failing test fails at once
-    return p
-
-
 @pytest.fixture
 def params() -> dict[str, Any]:
     return load_params()
@@ -70,48 +67,6 @@ def params() -> dict[str, Any]:
 @pytest.fixture
 def tiny_params() -> dict[str, Any]:
     return shrink(load_params())
-
-
-def write_params(path: Path, params: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
-
-
-def venv_env() -> dict[str, str]:
-    """Environment whose PATH finds this interpreter's `python`, `dvc` and `mlflow` first."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    return env
-
-
-def make_project(dest: Path, params: dict[str, Any]) -> Path:
-    """A fresh git + DVC repository holding the pipeline's code and the given params."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for package in ("tasks", "flows", "configs"):
-        shutil.copytree(
-            ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
-    write_params(dest / "params.yaml", params)
-    (dest / ".gitignore").write_text("mlflow.db\nmlruns/\n__pycache__/\n.prefect/\ncheckpoints/\n")
-    env = venv_env()
-    for cmd in (
-        ["git", "init", "-q"],
-        ["dvc", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "commit", "-qm", "pipeline"],
-    ):
-        subprocess.run(cmd, cwd=dest, env=env, check=True)
-    return dest
-
-
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=venv_env(), capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-        )
-    return result
 
 
 @pytest.fixture(scope="session")
@@ -134,6 +89,11 @@ def trained_project(tmp_path_factory) -> Path:
     return root
 
 
-def training_runs(runs: list) -> list:
-    """MLflow runs of trainings only: under `dvc repro` the report stage logs a run of its own."""
-    return [r for r in runs if r.data.tags.get("stage") != "report"]
+@pytest.fixture(scope="session")
+def repro_demo(tmp_path_factory) -> tuple[Path, str]:
+    """The digits loop, two rounds (``quick`` params), by `dvc repro` in a fresh git + DVC
+    repository, and what the command printed. Shared: tests that change it work on a copy
+    (``tests.helpers.project.copy_project``)."""
+    project = make_project(tmp_path_factory.mktemp("repro"), quick(load_params()))
+    result = run(["dvc", "repro"], project)
+    return project, result.stdout + result.stderr

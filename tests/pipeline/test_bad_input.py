@@ -19,12 +19,14 @@ import numpy as np
 import pytest
 import timm
 import yaml
-from conftest import load_params, shrink, write_params
 from PIL import Image
 from safetensors.torch import save_file
-from test_prepare import folder_params, write_image_folders
 
+from noisy_student.core.layout import Layout
+from noisy_student.core.settings import load_settings
 from noisy_student.data.splits import load_split
+from tests.helpers.images import folder_params, write_image_folders
+from tests.helpers.project import load_params, shrink, write_params
 
 
 def invoke(module: str, args: list[str], cwd: Path, capsys, monkeypatch) -> tuple[int, list[str]]:
@@ -64,9 +66,9 @@ def folders(tmp_path):
 
 
 def prepare_fails(tmp_path, capsys, monkeypatch, *expected: str) -> None:
-    code, lines = invoke("noisy_student.data.prepare", ["--out", "out/prepared"], tmp_path, capsys, monkeypatch)
+    code, lines = invoke("tasks.prepare", [], tmp_path, capsys, monkeypatch)
     assert_one_line_error(code, lines, *expected)
-    assert_nothing_written(tmp_path / "out" / "prepared")
+    assert_nothing_written(Layout.at(tmp_path).prepared)
 
 
 # --- the user's folders ------------------------------------------------------------------------
@@ -137,12 +139,10 @@ def read_only(folder: Path):
 
 def test_read_only_output_folder(folders, capsys, monkeypatch):
     tmp_path, _, _ = folders
-    with read_only(tmp_path / "out"):
-        code, lines = invoke(
-            "noisy_student.data.prepare", ["--out", "out/prepared"], tmp_path, capsys, monkeypatch
-        )
-    assert_one_line_error(code, lines, "out: cannot write prepared there", "make the folder writ")
-    assert_nothing_written(tmp_path / "out" / "prepared")
+    with read_only(tmp_path / "data"):
+        code, lines = invoke("tasks.prepare", [], tmp_path, capsys, monkeypatch)
+    assert_one_line_error(code, lines, "data: cannot write prepared there", "make the folder wri")
+    assert_nothing_written(Layout.at(tmp_path).prepared)
 
 
 # --- params.yaml -------------------------------------------------------------------------------
@@ -176,14 +176,19 @@ def test_params_file_missing_or_not_yaml(tmp_path, capsys, monkeypatch):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """Prepared digits, the augmentation policies and a (barely) trained teacher."""
+    import tasks.augment
+    import tasks.prepare
+    import tasks.train_teacher
+
     root = tmp_path_factory.mktemp("project")
     params = shrink(load_params())
     params["teacher"].update(epochs=2)
     params["mlflow"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
     write_params(root / "params.yaml", params)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    for stage in (["noisy_student.data.prepare"], ["noisy_student.augment.policy"], ["noisy_student.training.train", "--name", "teacher"]):
-        subprocess.run([sys.executable, "-m", *stage], cwd=root, env=env, check=True)
+    with contextlib.chdir(root):  # the stages as their commands run them, in this process
+        settings = load_settings()
+        for stage in (tasks.prepare, tasks.augment, tasks.train_teacher):
+            stage.run(settings, Layout.at())
     return root
 
 
@@ -204,7 +209,7 @@ def test_weights_file_that_does_not_fit_the_model(project, tmp_path, capsys, mon
     save_file({k: v.contiguous() for k, v in state.items()}, weights)
     copy = with_params(project, tmp_path, lambda p: p["teacher"].update(pretrained=str(weights)))
     shutil.rmtree(copy / "models")
-    code, lines = invoke("noisy_student.training.train", ["--name", "teacher"], copy, capsys, monkeypatch)
+    code, lines = invoke("tasks.train_teacher", [], copy, capsys, monkeypatch)
     assert_one_line_error(code, lines, "resnet18.safetensors: do not fit 'test_resnet'")
     assert_nothing_written(copy / "models" / "teacher")
 
@@ -218,7 +223,7 @@ def test_pickle_bearing_weights_are_refused(project, tmp_path, capsys, monkeypat
     weights.write_bytes(pickle.dumps({"conv1.weight": Payload()}, protocol=2))
     copy = with_params(project, tmp_path, lambda p: p["teacher"].update(pretrained=str(weights)))
     shutil.rmtree(copy / "models")
-    code, lines = invoke("noisy_student.training.train", ["--name", "teacher"], copy, capsys, monkeypatch)
+    code, lines = invoke("tasks.train_teacher", [], copy, capsys, monkeypatch)
     assert_one_line_error(code, lines, "weights.pth: cannot be loaded as weights")
     assert not (copy / "pwned.txt").exists()  # the pickle never ran
     assert_nothing_written(copy / "models" / "teacher")
@@ -226,26 +231,26 @@ def test_pickle_bearing_weights_are_refused(project, tmp_path, capsys, monkeypat
 
 def test_training_before_prepare(tmp_path, capsys, monkeypatch):
     write_params(tmp_path / "params.yaml", shrink(load_params()))
-    code, lines = invoke("noisy_student.training.train", ["--name", "teacher"], tmp_path, capsys, monkeypatch)
+    code, lines = invoke("tasks.train_teacher", [], tmp_path, capsys, monkeypatch)
     assert_one_line_error(code, lines, "classes.json: not found; run the prepare stage first")
 
 
 def test_threshold_that_keeps_no_pseudo_label(project, tmp_path, capsys, monkeypatch):
     copy = with_params(project, tmp_path, lambda p: p["pseudo_label"].update(threshold=1.0))
-    code, lines = invoke("noisy_student.pseudo_labels.labeling", ["student_1"], copy, capsys, monkeypatch)
+    code, lines = invoke("tasks.pseudo_label", ["student_1"], copy, capsys, monkeypatch)
     assert_one_line_error(code, lines, "pseudo_label.threshold=1.0 keeps none of 1049")
     assert_nothing_written(copy / "pseudo_labels" / "student_1.csv")
 
 
 def test_pseudo_labels_of_another_pool(project, tmp_path, capsys, monkeypatch):
     copy = with_params(project, tmp_path, lambda p: p["pseudo_label"].update(threshold=0.0))
-    code, _ = invoke("noisy_student.pseudo_labels.labeling", ["student_1"], copy, capsys, monkeypatch)
+    code, _ = invoke("tasks.pseudo_label", ["student_1"], copy, capsys, monkeypatch)
     assert code == 0
     table = copy / "pseudo_labels" / "student_1.csv"
     lines = table.read_text().splitlines()
     table.write_text("\n".join([lines[0], *lines[2:], lines[1]]) + "\n")  # rows out of order
     args = ["--name", "student_1"]
-    code, lines = invoke("noisy_student.training.train", args, copy, capsys, monkeypatch)
+    code, lines = invoke("tasks.train_student", args, copy, capsys, monkeypatch)
     assert_one_line_error(code, lines, "student_1.csv: rows do not match the prepared unlabeled")
     assert_nothing_written(copy / "models" / "student_1")
 
@@ -257,7 +262,7 @@ def test_non_image_files_are_skipped_and_counted(folders, capsys, monkeypatch, c
     tmp_path, root, _ = folders
     (root / "labeled" / "class_0" / "Thumbs.db").write_bytes(b"\x00\x01")
     with caplog.at_level(logging.WARNING):
-        code, _ = invoke("noisy_student.data.prepare", ["--out", "prepared"], tmp_path, capsys, monkeypatch)
+        code, _ = invoke("tasks.prepare", [], tmp_path, capsys, monkeypatch)
     assert code == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("class_0: skipped 1 non-image file(s), e.g." in w for w in warnings), warnings
@@ -272,9 +277,9 @@ def test_sizes_modes_and_bit_depths_are_converted(folders, capsys, monkeypatch):
     Image.fromarray(np.full((12, 12, 4), 60, np.uint8)).save(pool / "rgba.png")
     Image.fromarray(np.full((16, 16), 65535 // 2, np.uint16)).save(pool / "gray16.png")
     Image.fromarray(np.zeros((3, 300, 3), np.uint8)).convert("P").save(pool / "palette.gif")
-    code, _ = invoke("noisy_student.data.prepare", ["--out", "prepared"], tmp_path, capsys, monkeypatch)
+    code, _ = invoke("tasks.prepare", [], tmp_path, capsys, monkeypatch)
     assert code == 0
-    split = load_split("unlabeled", tmp_path / "prepared")
+    split = load_split("unlabeled", Layout.at(tmp_path).prepared)
     pixel = {i: split.images[split.ids.index(i)] for i in split.ids}
     assert split.images.shape[1:] == (16, 16, 3)  # every size resized to data.image_size
     assert (pixel["wide rgb.png"] == 200).all() and (pixel["gray.png"] == 90).all()
@@ -291,13 +296,13 @@ def test_duplicate_names_in_different_folders_stay_apart(folders, capsys, monkey
         Image.fromarray(np.full((8, 8), value, np.uint8)).save(root / "pool" / sub / "same.png")
     for cls in ("class_0", "class_1"):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "labeled" / cls / "same.png")
-    code, _ = invoke("noisy_student.data.prepare", ["--out", "prepared"], tmp_path, capsys, monkeypatch)
+    code, _ = invoke("tasks.prepare", [], tmp_path, capsys, monkeypatch)
     assert code == 0
-    pool = load_split("unlabeled", tmp_path / "prepared")
+    pool = load_split("unlabeled", Layout.at(tmp_path).prepared)
     assert {"a/same.png", "b/same.png"} <= set(pool.ids)
     assert pool.images[pool.ids.index("a/same.png")].max() == 10
     assert pool.images[pool.ids.index("b/same.png")].min() == 250
-    labeled = load_split("labeled", tmp_path / "prepared")
+    labeled = load_split("labeled", Layout.at(tmp_path).prepared)
     assert {"class_0/same.png", "class_1/same.png"} <= set(labeled.ids)
 
 
@@ -305,6 +310,6 @@ def test_paths_with_spaces_and_non_ascii(tmp_path, capsys, monkeypatch):
     root = write_image_folders(tmp_path / "mes images été" / "jeu de données", 4, pool=6)
     params = folder_params(shrink(load_params()), root)
     write_params(tmp_path / "params.yaml", params)
-    code, _ = invoke("noisy_student.data.prepare", ["--out", "prepared"], tmp_path, capsys, monkeypatch)
+    code, _ = invoke("tasks.prepare", [], tmp_path, capsys, monkeypatch)
     assert code == 0
-    assert len(load_split("labeled", tmp_path / "prepared")) == 12
+    assert len(load_split("labeled", Layout.at(tmp_path).prepared)) == 12

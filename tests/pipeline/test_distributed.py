@@ -4,22 +4,31 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
 import torch
-from conftest import load_params, make_project, run, shrink, training_runs, venv_env
 from safetensors.torch import load_file
-from test_resume import checkpointed_epoch
 
 from noisy_student.core.settings import RuntimeSettings
 from noisy_student.training.distributed import torchrun_command
-
-pytestmark = pytest.mark.slow
+from tests.helpers.faults import checkpointed_epoch, descendants
+from tests.helpers.project import (
+    copy_project,
+    load_params,
+    make_project,
+    quick,
+    ran,
+    run,
+    shrink,
+    training_runs,
+    venv_env,
+    write_params,
+)
 
 
 def noise_free(params: dict) -> dict:
@@ -32,18 +41,25 @@ def noise_free(params: dict) -> dict:
     return params
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
-    projects = {}
-    for devices in (1, 2):
-        params = noise_free(shrink(load_params()))
-        params["runtime"]["devices"] = devices
-        project = make_project(tmp_path / f"devices_{devices}", params)
-        run(["dvc", "repro", "augment"], project)
-        output = run(["dvc", "repro", "train_teacher"], project)
-        projects[devices] = (project, output.stdout + output.stderr)
+    params = noise_free(shrink(load_params()))
+    params["runtime"]["devices"] = 1
+    single = make_project(tmp_path / "devices_1", params)
+    output = run(["dvc", "repro", "train_teacher"], single)
+    outputs = {1: output.stdout + output.stderr}
+    # the same project with two processes: only the training reruns, into an MLflow store of
+    # its own
+    double = copy_project(single, tmp_path / "devices_2")
+    shutil.rmtree(double / "mlruns", ignore_errors=True)
+    (double / "mlflow.db").unlink()
+    params["runtime"]["devices"] = 2
+    write_params(double / "params.yaml", params)
+    output = run(["dvc", "repro", "train_teacher"], double)
+    outputs[2] = output.stdout + output.stderr
+    assert ran(outputs[2]) == ["train_teacher"]
 
-    single, double = projects[1][0], projects[2][0]
-    assert "torch.distributed.run" not in projects[1][1]
+    assert "torch.distributed.run" not in outputs[1]
     a = load_file(single / "models/teacher/model.safetensors")
     b = load_file(double / "models/teacher/model.safetensors")
     assert a.keys() == b.keys()
@@ -62,28 +78,9 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
     assert not (double / "checkpoints/teacher").exists()
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
+@pytest.mark.slow
 def test_the_whole_loop_runs_distributed_and_resumes_after_a_kill(tmp_path):
-    params = shrink(load_params())
-    params["students"] = params["students"][:1]
+    params = quick(load_params(), rounds=1, teacher_epochs=30)  # a teacher well above chance
     params["teacher"]["batch_size"] = 16  # 8 per process
     params["runtime"]["devices"] = 2
     project = make_project(tmp_path / "p", params)
@@ -107,7 +104,7 @@ def test_the_whole_loop_runs_distributed_and_resumes_after_a_kill(tmp_path):
         os.kill(pid, signal.SIGKILL)  # their own: a machine that goes away takes them all
     stage.wait(timeout=30)
 
-    output = run(["dvc", "repro"], project)
+    output = run(["dvc", "repro", "evaluate"], project)  # the loop up to the test accuracies
     assert "teacher: resumed after epoch" in output.stderr
     metrics = json.loads((project / "metrics.json").read_text())
     assert set(metrics) == {"teacher", "student_1"}
@@ -121,12 +118,14 @@ def test_the_whole_loop_runs_distributed_and_resumes_after_a_kill(tmp_path):
 
 def test_torchrun_command_for_one_and_several_machines():
     base = {**load_params()["runtime"], "devices": 4}
-    one = torchrun_command(RuntimeSettings.model_validate(base), "noisy_student.training.train", ["--name", "x"])
+    one = torchrun_command(
+        RuntimeSettings.model_validate(base), "tasks.train_teacher", ["--name", "x"]
+    )
     assert one[1:] == [
         "-m", "torch.distributed.run", "--nproc_per_node", "4", "--nnodes", "1", "--standalone",
-        "-m", "noisy_student.training.train", "--name", "x",
+        "-m", "tasks.train_teacher", "--name", "x",
     ]  # fmt: skip
     several = RuntimeSettings.model_validate({**base, "nodes": 2, "rdzv_endpoint": "node0:29400"})
-    command = torchrun_command(several, "noisy_student.training.train", [])
+    command = torchrun_command(several, "tasks.train_teacher", [])
     assert "--standalone" not in command
     assert command[command.index("--rdzv_endpoint") + 1] == "node0:29400"

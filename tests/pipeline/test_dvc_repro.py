@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
-import shutil
 import sys
 
 import mlflow
@@ -12,38 +10,27 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import load_params, make_project, run, shrink, write_params
-from test_prepare import folder_params, write_image_folders
+
+from tests.helpers.images import folder_params, write_image_folders
+from tests.helpers.project import (
+    ONE_ROUND,
+    STAGES,
+    copy_project,
+    load_params,
+    make_project,
+    quick,
+    ran,
+    run,
+    shrink,
+    write_params,
+)
 
 pytestmark = pytest.mark.slow
-ALL_STAGES = [
-    "prepare",
-    "augment",
-    "train_teacher",
-    "pseudo_label@0",
-    "train_student@0",
-    "pseudo_label@1",
-    "train_student@1",
-    "evaluate",
-    "export",
-    "report",
-]
 
 
-def ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '([^']+)'", output)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    project = make_project(tmp_path_factory.mktemp("demo"), shrink(load_params()))
-    result = run(["dvc", "repro"], project)
-    return project, result.stdout + result.stderr
-
-
-def test_repro_runs_every_stage_in_order(demo):
-    project, output = demo
-    assert ran(output) == ALL_STAGES
+def test_repro_runs_every_stage_in_order(repro_demo):
+    project, output = repro_demo
+    assert ran(output) == STAGES
     metrics = json.loads((project / "metrics.json").read_text())
     assert list(metrics) == ["teacher", "student_1", "student_2"]
     assert all(0.0 <= m["test_accuracy"] <= 1.0 for m in metrics.values())
@@ -57,8 +44,8 @@ def test_repro_runs_every_stage_in_order(demo):
     assert "| student_2 |" in (project / "reports" / "comparison.md").read_text()
 
 
-def test_pseudo_label_table(demo):
-    project, _ = demo
+def test_pseudo_label_table(repro_demo):
+    project, _ = repro_demo
     pool = pd.read_csv(project / "data/prepared/unlabeled/index.csv")
     table = pd.read_csv(project / "pseudo_labels/student_1.csv", dtype={"id": str})
     prob_cols = [f"p_{i}" for i in range(10)]
@@ -75,7 +62,7 @@ def test_pseudo_label_table(demo):
     assert table["id"].tolist() == pool["id"].tolist()
     np.testing.assert_allclose(table[prob_cols].sum(axis=1), 1.0, atol=1e-4)
     np.testing.assert_allclose(table[prob_cols].max(axis=1), table["confidence"], atol=1e-5)
-    threshold = shrink(load_params())["pseudo_label"]["threshold"]
+    threshold = quick(load_params())["pseudo_label"]["threshold"]
     clear = (table["confidence"] - threshold).abs() > 1e-5  # the CSV rounds to 6 digits
     assert (table["kept"] == (table["confidence"] >= threshold))[clear].all()
     summary = json.loads((project / "pseudo_labels/student_1.json").read_text())
@@ -85,8 +72,8 @@ def test_pseudo_label_table(demo):
     assert summary["kept_accuracy"] == pytest.approx(correct)
 
 
-def test_every_training_is_an_mlflow_run(demo):
-    project, _ = demo
+def test_every_training_is_an_mlflow_run(repro_demo):
+    project, _ = repro_demo
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["noisy-student"], output_format="list")
     by_name = {r.info.run_name: r for r in runs if r.data.tags.get("stage") != "report"}
@@ -94,7 +81,7 @@ def test_every_training_is_an_mlflow_run(demo):
     assert [r.info.run_name for r in runs if r.data.tags.get("stage") == "report"] == ["report"]
     metrics = json.loads((project / "metrics.json").read_text())
     client = mlflow.MlflowClient()
-    params = shrink(load_params())
+    params = quick(load_params())
     for name, expected_round in (("teacher", 0), ("student_1", 1), ("student_2", 2)):
         r = by_name[name]
         assert r.info.status == "FINISHED"
@@ -119,8 +106,8 @@ def dvc_plots(project, *revisions: str) -> dict:
     return json.loads(run([*command, "--json"], project).stdout)["data"]
 
 
-def test_report_registry_export_and_dvc_plots(demo):
-    project, _ = demo
+def test_report_registry_export_and_dvc_plots(repro_demo):
+    project, _ = repro_demo
     metrics = json.loads((project / "metrics.json").read_text())
     registry = json.loads((project / "reports/registry.json").read_text())
     best = max(metrics, key=lambda name: metrics[name]["test_accuracy"])
@@ -149,11 +136,11 @@ def test_report_registry_export_and_dvc_plots(demo):
         assert plot_id in plots, sorted(plots)
 
 
-def test_second_repro_skips_everything(demo):
-    project, _ = demo
+def test_second_repro_skips_everything(repro_demo):
+    project, _ = repro_demo
     output = run(["dvc", "repro"], project).stdout
     assert ran(output) == []
-    assert all(f"Stage '{s}' didn't change, skipping" in output for s in ALL_STAGES)
+    assert all(f"Stage '{s}' didn't change, skipping" in output for s in STAGES)
     assert "up to date" in run(["dvc", "status"], project).stdout
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     outs = {o["path"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
@@ -165,33 +152,29 @@ def test_second_repro_skips_everything(demo):
     } <= outs
 
 
-def test_same_params_and_data_give_the_same_pseudo_labels(demo, tmp_path):
-    project, _ = demo
-    twin = make_project(tmp_path / "twin", shrink(load_params()))
+def test_same_params_and_data_give_the_same_pseudo_labels(repro_demo, tmp_path):
+    project, _ = repro_demo
+    twin = make_project(tmp_path / "twin", quick(load_params()))
     run(["dvc", "repro", "pseudo_label@0"], twin)
     a = (project / "pseudo_labels/student_1.csv").read_bytes()
     b = (twin / "pseudo_labels/student_1.csv").read_bytes()
     assert a == b
 
 
-def test_changing_the_threshold_reruns_only_downstream_stages(demo, tmp_path):
-    project = tmp_path / "copy"  # a copy, so the shared project stays as the other tests expect
-    shutil.copytree(demo[0], project)
+def test_threshold_change_reruns_only_downstream_stages_in_a_recipes_experiment(
+    repro_demo, tmp_path
+):
+    """On a copy (the shared project stays as the other tests expect): a new threshold in
+    params.yaml, then a recipe of configs/ as a DVC experiment (`dvc exp run -S ...`) on top:
+    only the stages from the first pseudo-labels on run again, with both values."""
+    project = copy_project(repro_demo[0], tmp_path / "copy")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["pseudo_label"]["threshold"] = 0.5
     write_params(project / "params.yaml", params)
-    output = run(["dvc", "repro"], project).stdout
-    assert ran(output) == ALL_STAGES[3:]
-    summary = json.loads((project / "pseudo_labels/student_1.json").read_text())
-    assert summary["threshold"] == 0.5
-
-
-def test_a_recipe_runs_as_a_dvc_experiment(demo, tmp_path):
-    project = tmp_path / "copy"
-    shutil.copytree(demo[0], project)
-    output = run([sys.executable, "-m", "noisy_student.recipes", "configs/class_balance.yaml"], project)
+    recipe = [sys.executable, "-m", "noisy_student.recipes", "configs/class_balance.yaml"]
+    output = run(recipe, project)
     assert "dvc exp run -n class_balance -S pseudo_label.balance=true" in output.stdout
-    assert ran(output.stdout) == ALL_STAGES[3:]
+    assert ran(output.stdout) == STAGES[3:]
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     experiments = {
         exp["name"]: exp
@@ -201,7 +184,9 @@ def test_a_recipe_runs_as_a_dvc_experiment(demo, tmp_path):
     }
     params = experiments["class_balance"]["data"]["params"]["params.yaml"]["data"]
     assert params["pseudo_label"]["balance"] is True
+    assert params["pseudo_label"]["threshold"] == 0.5
     summary = json.loads((project / "pseudo_labels/student_1.json").read_text())
+    assert summary["threshold"] == 0.5
     counts = {n for n in summary["trained_per_class"].values() if n > 0}
     assert summary["balance"] is True and len(counts) == 1
 
@@ -210,18 +195,12 @@ def test_users_own_folders(tmp_path):
     images = write_image_folders(tmp_path / "images", images_per_class=6, pool=30)
     params = folder_params(shrink(load_params()), images)
     params["students"] = params["students"][:1]
+    params["teacher"]["epochs"] = 3
+    params["students"][0]["epochs"] = 1
+    params["pseudo_label"]["threshold"] = 0.0  # three classes of 6 images: keep every label
     project = make_project(tmp_path / "project", params)
     output = run(["dvc", "repro"], project)
-    assert ran(output.stdout) == [
-        "prepare",
-        "augment",
-        "train_teacher",
-        "pseudo_label@0",
-        "train_student@0",
-        "evaluate",
-        "export",
-        "report",
-    ]
+    assert ran(output.stdout) == ONE_ROUND
     assert "skipped 1 non-image file" in output.stderr
     metrics = json.loads((project / "metrics.json").read_text())
     assert list(metrics) == ["teacher", "student_1"]

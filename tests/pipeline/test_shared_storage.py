@@ -14,10 +14,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import load_params, make_project, run, shrink, training_runs, venv_env
 
 from noisy_student.core.settings import MlflowSettings
 from noisy_student.tracking.runs import tracking_uri, ui_url
+from tests.helpers.project import load_params, make_project, quick, run, training_runs, venv_env
 
 
 def free_port() -> int:
@@ -77,8 +77,7 @@ def test_a_second_machine_reproduces_from_the_remote_and_runs_go_to_the_server(
     tmp_path, mlflow_server
 ):
     url, store = mlflow_server
-    params = shrink(load_params())
-    params["students"] = params["students"][:1]
+    params = quick(load_params(), rounds=1)
     first = make_project(tmp_path / "first", params)
     env = {**venv_env(), "MLFLOW_TRACKING_URI": url}
     result = subprocess.run(
