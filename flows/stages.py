@@ -63,7 +63,9 @@ def step(settings: Settings, stage: str) -> Step:
     student = settings.students[int(index)].name if index else None
     try:
         module = importlib.import_module(f"tasks.{base}")
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as exc:
+        if exc.name != f"tasks.{base}":  # the module is there; something it imports is not
+            raise
         raise PipelineError(f"dvc.yaml: stage '{base}' has no module tasks/{base}.py") from None
     accepts = inspect.signature(module.run).parameters
     if base == "pseudo_label" and settings.pseudo_label.shards > 1:
