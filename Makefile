@@ -26,7 +26,7 @@ demo: $(STAMP)  ## run the whole Noisy Student pipeline on the built-in digits d
 	@echo "Runs: make ui, then open http://127.0.0.1:5000 (experiment noisy-student)"
 
 test: $(STAMP)  ## the whole test suite, end-to-end runs included
-	python -m pytest -q
+	python -m pytest -q --durations=15
 
 test-fast: $(STAMP)  ## the inner loop: every test but the end-to-end runs (marked slow)
 	python -m pytest -q -m "not slow"
