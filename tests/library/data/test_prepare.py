@@ -15,7 +15,7 @@ from noisy_student.core.settings import Settings
 from noisy_student.data.images import resize_rgb
 from noisy_student.data.prepare import prepare, split_digits
 from noisy_student.data.splits import UNKNOWN, load_classes, load_split
-from tests.helpers.images import write_image_folders
+from tests.helpers.images import folder_params, write_image_folders
 
 
 def settings_from(params) -> Settings:
@@ -68,18 +68,6 @@ def test_resize_rgb_handles_gray_and_any_size():
     assert resize_rgb(gray, 32).shape == (32, 32, 3)
     big = np.zeros((100, 60, 3), dtype=np.uint8)
     assert resize_rgb(big, 24).shape == (24, 24, 3)
-
-
-def folder_params(params, root):
-    params["data"].update(
-        source="folders",
-        labeled_dir=str(root / "labeled"),
-        unlabeled_dir=str(root / "pool"),
-        test_dir=str(root / "test"),
-        val_dir=None,
-        val_fraction=0.25,
-    )
-    return params
 
 
 def test_prepare_folders_reads_png_jpeg_gray_rgba_nested(tmp_path, tiny_params):
