@@ -40,6 +40,7 @@ from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import PARAMS_FILE, Settings, load_settings
 from noisy_student.evaluation.rounds import rounds_table
+from noisy_student.models import promotion
 from noisy_student.models.card import load_card
 from noisy_student.report import publish, render
 from noisy_student.tracking import registry
@@ -136,6 +137,7 @@ def run_steps(
         progress = create_progress_artifact(0.0, description="stages finished")
         outcomes: dict[str, str] = {}
         metrics: dict[str, float] = {}
+        decided: dict[str, str] = {}
         finished = False
         try:
             for done, step in enumerate(steps, start=1):
@@ -147,18 +149,25 @@ def run_steps(
                 update_progress_artifact(progress, 100.0 * done / len(steps))
             follow_up_skipped_steps(settings, layout, outcomes, parent)
             rows = round_table(settings, layout)
-            metrics = parent_metrics(rows)
+            final = promotion.final_standing(settings, layout)
+            metrics = parent_metrics(rows, final.best)
+            decided = {"champion": final.best, "loop_end": final.reason}
             finished = True
         finally:
-            tracking.end_parent_run(settings.mlflow, parent, metrics, failed=not finished)
+            tracking.end_parent_run(
+                settings.mlflow, parent, metrics, failed=not finished, tags=decided
+            )
         experiment = project.save_experiment(run_name, f"self-training flow run {run_name}")
         create_table_artifact(
             rows,
             key="self-training-rounds",
-            description="Test accuracy and pseudo-labels per round",
+            description="Per round: the teacher it learned from, validation accuracy, promoted "
+            "or not, test accuracy and pseudo-labels kept",
         )
         create_markdown_artifact(
-            runs_markdown(settings, layout, parent, steps, outcomes, overrides, experiment),
+            runs_markdown(
+                settings, layout, parent, steps, outcomes, overrides, experiment, decided
+            ),
             key="self-training-runs",
             description="MLflow runs, stage outcomes, DVC experiment, effective params",
         )
@@ -182,7 +191,8 @@ def follow_up_skipped_steps(
 
 
 def round_table(settings: Settings, layout: Layout) -> list[dict[str, Any]]:
-    """Per model: test accuracy (metrics.json) and the pseudo-labels it was trained on."""
+    """Per trained model: what taught it, its validation accuracy (every choice) and whether it
+    was promoted, its test accuracy (metrics.json) and the pseudo-labels it was trained on."""
     rounds = rounds_table(settings, layout, json.loads(layout.metrics.read_text()))
     rows = []
     for r in rounds.to_dict("records"):
@@ -190,6 +200,9 @@ def round_table(settings: Settings, layout: Layout) -> list[dict[str, Any]]:
             "round": r["round"],
             "model": r["model"],
             "architecture": r["architecture"],
+            "taught_by": r["taught_by"],
+            "val_accuracy": round(r["val_accuracy"], 4),
+            "promoted": bool(r["promoted"]),
             "test_accuracy": round(r["test_accuracy"], 4),
             "pseudo_labels_kept": None if r["kept_per_class"] is None else int(r["kept"]),
         }
@@ -199,15 +212,18 @@ def round_table(settings: Settings, layout: Layout) -> list[dict[str, Any]]:
     return [{key: row.get(key) for key in columns} for row in rows]  # the same columns in each
 
 
-def parent_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+def parent_metrics(rows: list[dict[str, Any]], champion: str) -> dict[str, float]:
+    """Per model and for the champion (chosen on validation): what the runs list compares."""
     metrics: dict[str, float] = {}
     for row in rows:
         metrics[f"test_accuracy/{row['model']}"] = row["test_accuracy"]
+        metrics[f"val_accuracy/{row['model']}"] = row["val_accuracy"]
         if row["pseudo_labels_kept"] is not None:
             metrics[f"pseudo_labels_kept/{row['model']}"] = float(row["pseudo_labels_kept"])
-    final = rows[-1]["test_accuracy"]
-    metrics["test_accuracy"] = final
-    metrics["gain_over_teacher"] = final - rows[0]["test_accuracy"]
+    best = next(row for row in rows if row["model"] == champion)
+    metrics["test_accuracy"] = best["test_accuracy"]
+    metrics["val_accuracy"] = best["val_accuracy"]
+    metrics["gain_over_teacher"] = best["test_accuracy"] - rows[0]["test_accuracy"]
     return metrics
 
 
@@ -219,6 +235,7 @@ def runs_markdown(
     outcomes: dict[str, str],
     overrides: dict[str, Any],
     experiment: str | None,
+    decided: dict[str, str],
 ) -> str:
     cfg = settings.mlflow
     lines = [
@@ -227,12 +244,14 @@ def runs_markdown(
         f"MLflow parent run: [{parent.run_id}]({tracking.run_url(cfg, parent.run_id)}) "
         f"(experiment `{cfg.experiment}`; `make ui` serves {cfg.ui_url})",
         "",
+        f"Champion (best on validation): **{decided['champion']}**. {decided['loop_end']}.",
+        "",
         "| stage | outcome | MLflow run of the model it wrote |",
         "|---|---|---|",
     ]
     for step in steps:
         link = ""
-        if step.model is not None:
+        if step.model is not None and (layout.model(step.model) / "card.json").exists():
             run_id = load_card(layout.model(step.model)).mlflow_run_id
             if run_id:
                 link = f"[{step.model}]({tracking.run_url(cfg, run_id)})"

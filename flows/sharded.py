@@ -31,6 +31,8 @@ label_shard = task(
 def label_pool(settings: Settings, student: str, root: Path) -> dict:
     """Label the pool for ``student`` in ``pseudo_label.shards`` shards on the Dask workers."""
     layout = Layout.at(root)
+    if (stopped := labeling.skip_if_stopped(settings, student, layout)) is not None:
+        return stopped
     cfg = settings.pseudo_label
     pool_size = len(load_split("unlabeled", layout.prepared))
     bounds = labeling.shard_bounds(pool_size, cfg.batch_size, cfg.shards)

@@ -1,6 +1,6 @@
 """Classify a folder of images with a trained model; one CSV row per image.
 
-    python -m noisy_student.predict my_photos/                   # the final model (last student)
+    python -m noisy_student.predict my_photos/                   # the champion (best on validation)
     python -m noisy_student.predict my_photos/ --model student_1 --out student_1.csv
 
 Images are found at any depth and read exactly as the prepare stage reads the user's folders
@@ -26,6 +26,7 @@ from noisy_student.core.layout import Layout
 from noisy_student.core.progress import Progress
 from noisy_student.core.settings import Settings
 from noisy_student.data.images import list_images, read_image
+from noisy_student.models import promotion
 from noisy_student.models.classifier import load_checkpoint, resolve_device
 from noisy_student.models.inference import (
     EVAL_BATCH_SIZE,
@@ -39,10 +40,10 @@ PREDICTIONS_FILE = Path("predictions.csv")
 
 
 def model_folder(model: str | None, settings: Settings, layout: Layout) -> Path:
-    """``model``: a name from params.yaml (``student_1``), a model folder, or None for the last
-    round's student."""
+    """``model``: a name from params.yaml (``student_1``), a model folder, or None for the
+    champion (the loop's best on validation)."""
     if model is None:
-        model = settings.model_names()[-1]
+        model = promotion.champion(settings, layout)
     folder = Path(model)
     if not (folder / "card.json").exists():
         folder = layout.model(model)
@@ -117,7 +118,9 @@ def main() -> None:
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("folder", help="a folder of images (searched at any depth)")
     p.add_argument(
-        "--model", default=None, help="teacher, student_1, ... or a model folder (default: last)"
+        "--model",
+        default=None,
+        help="teacher, student_1, ... or a model folder (default: the champion)",
     )
     p.add_argument("--out", default=str(PREDICTIONS_FILE), help="the CSV to write")
 

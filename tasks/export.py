@@ -1,6 +1,6 @@
-"""Stage `export`: the final student as an ONNX model, checked against PyTorch before it is kept.
+"""Stage `export`: the champion as an ONNX model, checked against PyTorch before it is kept.
 
-python -m tasks.export                     # models/<last student> -> exports/final.onnx
+python -m tasks.export                     # models/<champion> -> exports/final.onnx
 python -m tasks.export --model student_1   # -> exports/student_1.onnx
 """
 
@@ -22,7 +22,7 @@ def run(
 
 def main() -> None:
     p = cli.parser(__doc__)
-    p.add_argument("--model", default=None, help="teacher, student_1, ... (default: the last)")
+    p.add_argument("--model", default=None, help="teacher, student_1, ... (default: the champion)")
     p.add_argument(
         "--out", default=None, help="default: exports/final.onnx, or exports/<model>.onnx"
     )

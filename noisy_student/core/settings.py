@@ -193,6 +193,14 @@ class DistillSettings(Strict):
     teacher_input: Literal["clean", "augmented"]
 
 
+class SelectionSettings(Strict):
+    """Every choice of the loop, made on the validation split (the test set only reports)."""
+
+    epoch: Literal["best", "last"]  # which epoch's weights a training keeps
+    margin: Annotated[float, Field(ge=0.0, lt=1.0)]  # validation accuracy a student must gain
+    patience: PositiveInt | None  # rounds in a row without gain before the loop stops; None: never
+
+
 class MlflowSettings(Strict):
     experiment: Annotated[str, Field(min_length=1)]
     tracking_uri: Annotated[str, Field(min_length=1)]
@@ -225,6 +233,7 @@ class Settings(Strict):
     pseudo_label: PseudoLabelSettings
     distill: DistillSettings
     students: Annotated[list[StudentSettings], Field(min_length=1)]
+    selection: SelectionSettings
     report: ReportSettings
     mlflow: MlflowSettings
     flow: FlowSettings

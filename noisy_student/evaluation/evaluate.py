@@ -21,6 +21,7 @@ from noisy_student.core.layout import Layout
 from noisy_student.core.settings import Settings
 from noisy_student.data.splits import Split, load_split
 from noisy_student.evaluation.rounds import comparison_markdown, rounds_table
+from noisy_student.models import promotion
 from noisy_student.models.classifier import Classifier, load_checkpoint, resolve_device
 from noisy_student.models.inference import (
     EVAL_BATCH_SIZE,
@@ -52,14 +53,19 @@ def evaluate(
     metrics: dict = {}
     with atomic_path(layout.test_predictions) as staged_predictions:
         staged_predictions.mkdir()
-        for name in settings.model_names():
+        for name in promotion.trained_models(settings, layout):
             classifier, card = load_checkpoint(layout.model(name), device)
             batches = iter_probabilities(classifier, loader, device, settings.runtime)
             probs = torch.cat(list(batches))
             table = predictions_table(probs, test, card.classes)
             table.to_csv(staged_predictions / f"{name}.csv", index=False, float_format="%.6g")
             acc = float((probs.argmax(1).numpy() == test.labels).mean())
-            metrics[name] = {"test_accuracy": acc, "model": card.model}
+            standing = promotion.load_standing(layout.model(name))
+            metrics[name] = {
+                "test_accuracy": acc,
+                "val_accuracy": standing.val_accuracy,  # what every choice was made on
+                "model": card.model,
+            }
             tracking.log_test_accuracy(settings.mlflow, card.mlflow_run_id, acc)
             if len(card.members) > 1:  # an ensemble: how each member does alone
                 for k, (net, member) in enumerate(zip(classifier.nets, card.members, strict=True)):
@@ -67,11 +73,11 @@ def evaluate(
                     member_acc = accuracy(alone, loader, test.labels, device, settings.runtime)
                     metrics[name][f"member_{k}_test_accuracy"] = member_acc
                     tracking.log_test_accuracy(settings.mlflow, member.mlflow_run_id, member_acc)
-    table = comparison_markdown(rounds_table(settings, layout, metrics))
+    final = promotion.final_standing(settings, layout)
+    table = comparison_markdown(rounds_table(settings, layout, metrics), final)
     # metrics.json holds numbers only, so `dvc metrics diff` compares every entry
     numbers = {
-        name: {k: v for k, v in m.items() if k.endswith("test_accuracy")}
-        for name, m in metrics.items()
+        name: {k: v for k, v in m.items() if k.endswith("accuracy")} for name, m in metrics.items()
     }
     write_text(layout.metrics, json.dumps(numbers, indent=2) + "\n")
     write_text(layout.comparison, f"# Test accuracy per round ({len(test)} test images)\n\n{table}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -64,8 +65,10 @@ def save_checkpoint(
     card: ModelCard,
     folder: Path,
     extra_files: dict[str, str] | None = None,
+    finish: Callable[[Path], None] | None = None,
 ) -> None:
-    """Weights, card and any ``extra_files`` (name -> text) land together or not at all."""
+    """Weights, card and any ``extra_files`` (name -> text) land together or not at all.
+    ``finish`` gets the staged folder once they are in it, to add what depends on them."""
     with atomic_path(folder) as staged:
         staged.mkdir()
         for filename, text in (extra_files or {}).items():
@@ -74,6 +77,8 @@ def save_checkpoint(
             state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
             save_file(state, staged / member.weights)
         (staged / "card.json").write_text(json.dumps(asdict(card), indent=2))
+        if finish is not None:
+            finish(staged)
 
 
 def load_checkpoint(

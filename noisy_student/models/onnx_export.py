@@ -30,6 +30,7 @@ from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import Settings
 from noisy_student.data.splits import load_split
+from noisy_student.models import promotion
 from noisy_student.models.classifier import Classifier, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -106,9 +107,9 @@ def export(
     model: str | None = None,
     out: Path | None = None,
 ) -> Path:
-    """Export ``model`` (default: the last round's student) to ``out`` (default:
-    ``exports/final.onnx``, or ``exports/<model>.onnx`` for a named model)."""
-    name = model or settings.model_names()[-1]
+    """Export ``model`` (default: the champion, the loop's best on validation) to ``out``
+    (default: ``exports/final.onnx``, or ``exports/<model>.onnx`` for a named model)."""
+    name = model or promotion.champion(settings, layout)
     if out is None:
         out = layout.final_export if model is None else layout.exports / f"{model}.onnx"
     data_dir = layout.prepared

@@ -7,6 +7,10 @@ full probability vector (an ensemble's average); plus ``pseudo_labels/<student>.
 with the counts per class and, when the pool's truth is known (the demo), the accuracy of the kept
 labels.
 
+The round's teacher is the best model so far on validation (models/promotion.py): its declared
+teacher, or an earlier model when that one was not promoted. Once the loop has stopped, a round
+writes an empty table and a summary that says why, at once.
+
 Selection, as in the original Noisy Student: rows below ``pseudo_label.threshold`` are dropped;
 with ``balance`` every class then contributes ``per_class`` training images: the most confident
 ones where a class has more, each kept image repeated where it has fewer.
@@ -31,6 +35,7 @@ from noisy_student.core.layout import Layout
 from noisy_student.core.progress import Progress
 from noisy_student.core.settings import Settings
 from noisy_student.data.splits import load_classes, load_split
+from noisy_student.models import promotion
 from noisy_student.models.classifier import load_checkpoint, resolve_device
 from noisy_student.models.inference import eval_loader, iter_probabilities, probability_table
 from noisy_student.pseudo_labels.selection import select, summarize
@@ -56,6 +61,8 @@ def pseudo_label(
 
     In ``pseudo_label.shards`` shards, one after another here; the Prefect flow labels the same
     shards in parallel on Dask workers (flows/sharded.py). Either way, the same table."""
+    if (stopped := skip_if_stopped(settings, student, layout)) is not None:
+        return stopped
     pool = load_split("unlabeled", layout.prepared)
     cfg = settings.pseudo_label
     with shard_folder(layout, student) as folder:
@@ -64,6 +71,21 @@ def pseudo_label(
             for k, (start, end) in enumerate(shard_bounds(len(pool), cfg.batch_size, cfg.shards))
         ]
         return merge_shards(settings, student, files, layout)
+
+
+def skip_if_stopped(settings: Settings, student: str, layout: Layout) -> dict | None:
+    """After the loop stopped: an empty table and a summary saying why (None: label as usual)."""
+    before = promotion.teacher_standing(settings, layout, student)
+    if not before.stopped:
+        return None
+    summary = {"stopped": True, "teacher": None, "reason": before.reason}
+    log.info("%s: no pseudo-labels, the loop has stopped: %s", student, before.reason)
+    columns = ["id", "pred", "pred_class", "confidence", "kept", "copies"]
+    with atomic_path(layout.pseudo_table(student)) as tmp:
+        pd.DataFrame(columns=columns).to_csv(tmp, index=False)
+    with atomic_path(layout.pseudo_summary(student)) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def shard_bounds(rows: int, batch_size: int, shards: int) -> list[tuple[int, int]]:
@@ -101,7 +123,7 @@ def label_shard(
     the cores, when several shards are labeled on one machine at once."""
     if threads is not None:
         torch.set_num_threads(threads)
-    teacher = settings.student(student).teacher
+    teacher = promotion.round_teacher(settings, layout, student)
     cfg = settings.pseudo_label
     device = resolve_device(settings.runtime)
     classifier, card = load_checkpoint(layout.model(teacher), device)
@@ -157,7 +179,8 @@ def merge_shards(
     )
     with atomic_path(layout.pseudo_table(student)) as tmp:
         write_with_copies(files, tmp, table["copies"].to_numpy())
-    summary = summarize(table, pool, classes, cfg)
+    summary = {"teacher": promotion.round_teacher(settings, layout, student)}
+    summary |= summarize(table, pool, classes, cfg)
     with atomic_path(layout.pseudo_summary(student)) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     accuracy = summary.get("kept_accuracy")

@@ -16,6 +16,7 @@ from noisy_student.core.layout import Layout
 from noisy_student.core.settings import Settings
 from noisy_student.data.splits import UNKNOWN, load_classes
 from noisy_student.evaluation.rounds import rounds_table
+from noisy_student.models import promotion
 
 SIGNIFICANCE = 0.05  # McNemar p below this: a round's change is more than the test set's noise
 
@@ -78,6 +79,10 @@ def round_rows(
             "round": r["round"],
             "model": name,
             "architecture": r["architecture"],
+            "taught_by": r["taught_by"] or "",
+            "val_accuracy": r["val_accuracy"],
+            "promoted": bool(r["promoted"]),
+            "decision": r["decision"],
             "test_accuracy": acc,
             "vs_previous": math.nan,
             "vs_teacher": math.nan,
@@ -115,7 +120,7 @@ def round_rows(
 
 
 def gather(settings: Settings, layout: Layout) -> Inputs:
-    names = settings.model_names()
+    names = promotion.trained_models(settings, layout)
     metrics_file, registry_file = layout.metrics, layout.registry
     data_dir, pseudo_dir = layout.prepared, layout.pseudo_labels
     metrics = _read_json(metrics_file, "evaluate")

@@ -45,8 +45,7 @@ def write_plots(inputs: Inputs, settings: Settings, preview: Path, out: Path) ->
         columns = ["epoch", "train_loss", "val_accuracy"]
         history[columns].to_csv(out / "learning_curves" / f"{member}.csv", index=False)
     figures.learning_curves(inputs.histories, picture("learning_curves"))
-    names = settings.model_names()
-    for round_, student in enumerate(names[1:], start=1):
+    for student in inputs.rounds["model"].tolist()[1:]:
         table, summary = inputs.pseudo[student], inputs.summaries[student]
         histogram_rows(table["confidence"], table["kept"]).to_csv(
             out / "confidence" / f"{student}.csv", index=False
@@ -57,14 +56,14 @@ def write_plots(inputs: Inputs, settings: Settings, preview: Path, out: Path) ->
         per_class.to_csv(out / "kept_per_class" / f"{student}.csv", index=False)
         figures.pseudo_label_round(
             student,
-            names[round_ - 1],
+            summary.get("teacher") or "its teacher",
             table,
             inputs.classes,
             summary["threshold"],
             summary["trained_per_class"] if summary.get("balance") else None,
             picture("pseudo_labels", student),
         )
-    final = names[-1]
+    final = inputs.registry["champion"]  # chosen on validation
     test = inputs.predictions[final]
     accuracy = float((test["actual"] == test["predicted"]).mean())
     figures.confusion(

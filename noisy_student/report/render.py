@@ -29,8 +29,11 @@ def table_rows(rounds: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         "round",
         "model",
         "architecture",
+        "taught by",
         "pseudo-labels kept",
         "kept correct",
+        "val accuracy",
+        "promoted",
         "test accuracy",
         "vs previous round",
         "right/wrong vs previous",
@@ -50,8 +53,11 @@ def table_rows(rounds: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
                 str(r["round"]),
                 r["model"],
                 r["architecture"],
+                "" if first else str(r["taught_by"]),
                 kept,
                 _pct(r["kept_accuracy"]),
+                _pct(r["val_accuracy"]),
+                "" if first else ("yes" if r["promoted"] else "no"),
                 _pct(r["test_accuracy"]),
                 _pts(r["vs_previous"]),
                 changed,
@@ -65,15 +71,17 @@ def table_rows(rounds: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 
 
 def headline(rounds: pd.DataFrame, registry: dict, supervised: float | None) -> list[str]:
-    """A few sentences (`code` in backticks): the champion and where it is, each round's verdict."""
+    """A few sentences (`code` in backticks): the champion (chosen on validation) and where it
+    is, each round's decision and its verdict on the test set."""
     records = rounds.to_dict("records")
     by_name = {r["model"]: r for r in records}
     champion = by_name[registry["champion"]]
     lines = [
-        f"Champion: {champion['model']} ({champion['architecture']}), test accuracy "
+        f"Champion, chosen on validation: {champion['model']} ({champion['architecture']}), "
+        f"validation accuracy {_pct(champion['val_accuracy'])}, test accuracy "
         f"{_pct(champion['test_accuracy'])}"
         + (
-            ": no student beat the teacher."
+            ": no student beat the teacher on validation."
             if champion["round"] == 0
             else f", {_pts(champion['vs_teacher'])} over the teacher."
         )
@@ -94,11 +102,12 @@ def headline(rounds: pd.DataFrame, registry: dict, supervised: float | None) -> 
         )
     for r in records[1:]:
         lines.append(
-            f"Round {r['round']}, {r['model']}: {r['verdict']} ({_pts(r['vs_previous'])} against "
+            f"Round {r['round']}: {r['decision']}. On the test set, {r['verdict']} "
+            f"({_pts(r['vs_previous'])} against "
             f"{records[r['round'] - 1]['model']}; right on {int(r['gained'])} test images it got "
             f"wrong, wrong on {int(r['lost'])} it got right; McNemar p = {r['p_value']:.2g})."
         )
-    final = records[-1]["model"]
+    final = champion["model"]
     lines.append(
         f"Use it: `python -m noisy_student.predict <folder>` classifies a folder with {final} "
         "(`--model <name>` for another round); `exports/final.onnx` is the same model for ONNX "
@@ -207,6 +216,7 @@ def prefect_markdown(layout: Layout) -> str:
     plots_dir = layout.plots
     rounds = pd.read_csv(plots_dir / "rounds.csv", dtype={"model": str, "architecture": str})
     rounds["verdict"] = rounds["verdict"].fillna("")  # the teacher's, empty in the CSV
+    rounds["taught_by"] = rounds["taught_by"].fillna("")
     rounds["registry_version"] = [
         None if v != v else int(v) for v in rounds["registry_version"]
     ]  # NaN (not registered) -> None, as gather() has it

@@ -1,5 +1,6 @@
 """The MLflow model registry: every model of the loop as a version of one registered model, and
-the alias ``champion`` on the best by test accuracy.
+the alias ``champion`` on the loop's champion: the best on validation (models/promotion.py), never
+chosen by test accuracy, which the versions only carry as a tag for people to read.
 
 A version is the MLflow 3 logged model of the model's training run (tracking/logged_models.py),
 registered once per run: evaluating again (a re-run, a flow run that skipped the trainings) finds
@@ -20,6 +21,7 @@ from noisy_student.core.atomic import write_text
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import MlflowSettings, Settings
+from noisy_student.models import promotion
 from noisy_student.models.card import load_card
 from noisy_student.tracking import runs as tracking
 
@@ -36,13 +38,6 @@ class Entry:
     test_accuracy: float
     run_id: str | None  # its training run
     version: int | None  # None: not registered (no run, or its logged model is gone)
-
-
-def champion_of(accuracies: dict[str, float]) -> str:
-    """The best model by test accuracy; a tie goes to the earlier round (fewer steps, same
-    score)."""
-    best = max(accuracies.values())
-    return next(name for name, acc in accuracies.items() if acc == best)
 
 
 def logged_model_id(run_id: str) -> str | None:
@@ -83,13 +78,15 @@ def register(
     accuracies: dict[str, float],
     run_ids: dict[str, str | None],
     architectures: dict[str, str],
+    champion: str,
+    val_accuracies: dict[str, float],
 ) -> dict:
-    """Register every model in ``accuracies`` (loop order) and point ``champion`` at the best.
+    """Register every model in ``accuracies`` (test accuracy, loop order) and point ``champion``
+    at ``champion`` (chosen on validation).
 
     Returns what ``reports/registry.json`` holds: the registered model's name, the champion and
     one entry per model. A model without a run, or a store that fails, is logged and left out of
     the registry; the pipeline's results do not depend on it."""
-    champion = champion_of(accuracies)
     entries = []
     try:
         tracking.use_tracking_uri(tracking.tracking_uri(cfg))
@@ -100,7 +97,8 @@ def register(
             client.create_registered_model(
                 cfg.registered_model,
                 description="Noisy Student self-training: one version per trained model "
-                "(tags model_name, round, test_accuracy); alias champion = best test accuracy",
+                "(tags model_name, round, val_accuracy, test_accuracy); alias champion = the "
+                "loop's best model on validation",
             )
         for round_, (name, accuracy) in enumerate(accuracies.items()):
             run_id = run_ids.get(name)
@@ -110,6 +108,7 @@ def register(
                     "model_name": name,
                     "round": str(round_),
                     "architecture": architectures[name],
+                    "val_accuracy": f"{val_accuracies[name]:.6f}",
                     "test_accuracy": f"{accuracy:.6f}",
                 }
                 version = register_version(client, cfg.registered_model, run_id, tags)
@@ -118,11 +117,11 @@ def register(
         if best.version is not None:
             client.set_registered_model_alias(cfg.registered_model, CHAMPION, str(best.version))
             log.info(
-                "registry: %s version %s (%s, test accuracy %.4f) is the %s",
+                "registry: %s version %s (%s, validation accuracy %.4f) is the %s",
                 cfg.registered_model,
                 best.version,
                 champion,
-                best.test_accuracy,
+                val_accuracies[champion],
                 CHAMPION,
             )
     except MlflowException as exc:
@@ -154,12 +153,13 @@ def point_champion(cfg: MlflowSettings, registry: dict) -> None:
 
 
 def register_models(settings: Settings, layout: Layout) -> dict:
-    """The register stage: every model of the loop into the registry, with the test accuracy
-    evaluate measured; writes what happened to ``layout.registry``."""
+    """The register stage: every trained model of the loop into the registry, with the test
+    accuracy evaluate measured, and the champion chosen on validation; writes what happened to
+    ``layout.registry``."""
     metrics = json.loads(layout.metrics.read_text()) if layout.metrics.exists() else None
     if metrics is None:
         raise PipelineError(f"{layout.metrics}: not found; run the evaluate stage first")
-    names = settings.model_names()
+    names = promotion.trained_models(settings, layout)
     missing = [n for n in names if n not in metrics]
     if missing:
         raise PipelineError(f"{layout.metrics}: no test accuracy for {missing}; run evaluate")
@@ -169,6 +169,8 @@ def register_models(settings: Settings, layout: Layout) -> dict:
         {name: metrics[name]["test_accuracy"] for name in names},
         {name: card.mlflow_run_id for name, card in cards.items()},
         {name: card.model for name, card in cards.items()},
+        promotion.champion(settings, layout),
+        {name: metrics[name]["val_accuracy"] for name in names},
     )
     write_text(layout.registry, json.dumps(registered, indent=2) + "\n")
     return registered

@@ -182,9 +182,16 @@ def start_parent_run(
 
 
 def end_parent_run(
-    cfg: MlflowSettings, parent: ParentRun, metrics: dict[str, float], failed: bool
+    cfg: MlflowSettings,
+    parent: ParentRun,
+    metrics: dict[str, float],
+    failed: bool,
+    tags: dict[str, str] | None = None,
 ) -> None:
+    """``tags``: what the loop decided (its champion, why it stopped), for the runs list."""
     client = mlflow.MlflowClient(tracking_uri(cfg))
+    for key, value in (tags or {}).items():
+        client.set_tag(parent.run_id, key, value)
     if metrics:
         batch = [mlflow.entities.Metric(k, v, _now_ms(), 0) for k, v in metrics.items()]
         client.log_batch(parent.run_id, metrics=batch)

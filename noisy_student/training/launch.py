@@ -8,7 +8,7 @@ from noisy_student.models.classifier import resolve_device
 from noisy_student.tracking.runs import ParentRun
 from noisy_student.training import distributed
 from noisy_student.training.loop import EpochResult
-from noisy_student.training.train import train
+from noisy_student.training.train import skip_if_stopped, train
 
 
 def train_or_launch(
@@ -20,7 +20,10 @@ def train_or_launch(
 ) -> list[EpochResult]:
     """Train ``name`` here, or start ``python -m <module> <args>`` (``relaunch``) again under
     torchrun when ``runtime`` asks for several processes; each of them then lands here and trains
-    its share. The MLflow parent run reaches those processes through the environment."""
+    its share. The MLflow parent run reaches those processes through the environment. A round
+    after the loop stopped (selection.patience) trains nothing."""
+    if skip_if_stopped(settings, name, layout):
+        return []
     if distributed.wanted(settings.runtime):
         module, args = relaunch
         env = distributed.parent_env(parent.run_id, parent.tags) if parent else {}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 from timm.scheduler import CosineLRScheduler
@@ -51,7 +52,9 @@ class FitConfig:
 
     ``on_epoch`` gets every epoch's result (rank 0 only); ``on_first_batch`` the first training
     batch as the model sees it (augmented, mixed; pixels 0..255), for a picture; ``checkpoint``
-    is where the state is saved every few epochs and resumed from, if it holds one."""
+    is where the state is saved every few epochs and resumed from, if it holds one. ``keep``:
+    which weights the model ends with, the last epoch's or those of its best validation epoch
+    (``selection.epoch``)."""
 
     spec: ModelTraining
     runtime: RuntimeSettings
@@ -62,6 +65,23 @@ class FitConfig:
     on_epoch: Callable[[EpochResult], None] | None = None
     on_first_batch: Callable[[torch.Tensor], None] | None = None
     checkpoint: MemberCheckpoint | None = None
+    keep: Literal["best", "last"] = "last"
+
+
+@dataclass
+class BestEpoch:
+    """The epoch of highest validation accuracy so far and a CPU copy of its weights; a later
+    epoch that ties it replaces it (more training, same score)."""
+
+    epoch: int = 0
+    val_accuracy: float = -1.0
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def offer(self, epoch: int, val_accuracy: float, model: torch.nn.Module) -> None:
+        if val_accuracy >= self.val_accuracy:
+            self.epoch, self.val_accuracy = epoch, val_accuracy
+            state = model.state_dict()
+            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 @dataclass
@@ -79,6 +99,7 @@ class _Loop:
     mixer: BatchMixer
     memory_format: torch.memory_format
     update: int = 0
+    best: BestEpoch = field(default_factory=BestEpoch)
 
 
 def fit(
@@ -106,11 +127,19 @@ def fit(
             epoch, train_loss, val_acc, lr_head, lr_backbone, time.perf_counter() - start
         )
         history.append(result)
+        if config.keep == "best":
+            loop.best.offer(epoch, val_acc, loop.model)
         if config.on_epoch is not None:
             config.on_epoch(result)
         _save(loop, config, epoch, [asdict(r) for r in history])
         epochs.update(1, train_loss=f"{train_loss:.4f}", val_accuracy=f"{val_acc:.4f}")
     epochs.close()
+    if config.keep == "best" and here.main and loop.best.weights:
+        model.load_state_dict(loop.best.weights)
+        log.info(
+            "%s: kept epoch %d of %d (best validation accuracy %.4f)",
+            config.desc, loop.best.epoch, spec.epochs, loop.best.val_accuracy,
+        )  # fmt: skip
     if frozen:
         unfreeze_backbone(model, frozen)
     return history
@@ -186,6 +215,9 @@ def _resume(loop: _Loop, config: FitConfig) -> tuple[list[EpochResult], int]:
         return [], 0
     state = config.checkpoint.load(loop.model, loop.optimizer, loop.streams, common)
     loop.update = state["update"]
+    if "best_epoch" in state:
+        best_weights = config.checkpoint.load_best(common)
+        loop.best = BestEpoch(state["best_epoch"], state["best_val_accuracy"], best_weights)
     loop.scheduler.step_update(loop.update)
     if distributed.world().main:
         log.info(
@@ -237,7 +269,11 @@ def _train_epoch(loop: _Loop, config: FitConfig, epoch: int) -> float:
 def _save(loop: _Loop, config: FitConfig, epoch: int, history: list[dict]) -> None:
     if config.checkpoint is not None and config.checkpoint.due(epoch, config.spec.epochs):
         counters = {"epoch": epoch, "update": loop.update, "history": history}
-        config.checkpoint.save(loop.model, loop.optimizer, loop.streams, counters)
+        best = None
+        if loop.best.weights:  # saved too: a resumed run must still end with the best epoch's
+            counters |= {"best_epoch": loop.best.epoch, "best_val_accuracy": loop.best.val_accuracy}
+            best = loop.best.weights
+        config.checkpoint.save(loop.model, loop.optimizer, loop.streams, counters, best)
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> tuple[float, float]:

@@ -107,10 +107,13 @@ class MemberCheckpoint:
         optimizer: torch.optim.Optimizer,
         streams: RandomStreams,
         counters: dict[str, Any],
+        best: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        """``best``: the weights of the best validation epoch so far, kept beside the current."""
         tensors = {
             f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()
         }
+        tensors |= {f"best.{k}": v.contiguous() for k, v in (best or {}).items()}
         optim_tensors, optim_meta = _split_optimizer(optimizer.state_dict())
         rng_tensors, rng_meta = streams.state()
         tensor_file, meta_file = self._files(counters["epoch"])
@@ -140,6 +143,12 @@ class MemberCheckpoint:
         optimizer.load_state_dict(_join_optimizer(tensors, meta["optimizer"]))
         streams.restore(tensors, meta["rng"])
         return meta["counters"]
+
+    def load_best(self, epoch: int) -> dict[str, torch.Tensor]:
+        """The best validation epoch's weights saved with the checkpoint after ``epoch``."""
+        prefix = "best."
+        tensors = load_file(self._files(epoch)[0])
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -21,13 +21,16 @@ import torch
 from torch.utils.data import Dataset
 
 from noisy_student.augment.policy import TrainTransform, load_policy, randaugment, seed_policy
+from noisy_student.core.atomic import atomic_path
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import ModelTraining, Settings
 from noisy_student.data.splits import Split, load_classes, load_split
 from noisy_student.losses.distill import Distillation, FrozenTeacher, precompute
+from noisy_student.models import promotion
 from noisy_student.models.card import Member, ModelCard
 from noisy_student.models.classifier import (
+    Classifier,
     create_model,
     load_checkpoint,
     normalization,
@@ -35,6 +38,7 @@ from noisy_student.models.classifier import (
     save_checkpoint,
     weights_name,
 )
+from noisy_student.models.inference import EVAL_BATCH_SIZE, accuracy, eval_loader
 from noisy_student.tracking import runs as tracking
 from noisy_student.tracking.logged_models import log_batch_image, log_model
 from noisy_student.training import distributed
@@ -64,6 +68,7 @@ class Job:
     architectures: list[str]  # one network, or an ensemble teacher's members
     classes: list[str]
     train_set: Dataset
+    val: Split
     labeled_count: int
     params: dict  # what MLflow records
     tags: dict[str, str]
@@ -104,6 +109,21 @@ def train(
     return history
 
 
+def skip_if_stopped(settings: Settings, name: str, layout: Layout) -> bool:
+    """A round after the loop stopped finishes at once: its folder holds its standing alone."""
+    if name == "teacher" or name not in settings.model_names():
+        return False
+    before = promotion.teacher_standing(settings, layout, name)
+    if not before.stopped:
+        return False
+    standing = promotion.skipped(before, name)
+    log.info("%s", standing.reason)
+    with atomic_path(layout.model(name)) as staged:
+        staged.mkdir()
+        (staged / promotion.STANDING_FILE).write_text(standing.to_json())
+    return True
+
+
 def plan_job(settings: Settings, name: str, layout: Layout) -> Job:
     """The recipe, the training items, the MLflow params and the checkpoints of model ``name``."""
     if name not in settings.model_names():
@@ -127,12 +147,13 @@ def plan_job(settings: Settings, name: str, layout: Layout) -> Job:
         fingerprint([params, architectures], training_inputs(settings, name, role, layout)),
         settings.runtime.checkpoint_epochs,
     )
+    val = load_split("val", layout.prepared)
     fit_member = functools.partial(
         train_member,
         settings,
         spec,
         train_set=train_set,
-        val=load_split("val", layout.prepared),
+        val=val,
         classes=classes,
         policy=load_policy(role, seed, layout.augment),
         device=device,
@@ -140,8 +161,8 @@ def plan_job(settings: Settings, name: str, layout: Layout) -> Job:
     )
     tags = {"stage": role, "round": str(round_), "model_name": name}
     return Job(
-        name, round_, role, spec, seed, architectures, classes, train_set, labeled_count, params,
-        tags, checkpoints, fit_member,
+        name, round_, role, spec, seed, architectures, classes, train_set, val, labeled_count,
+        params, tags, checkpoints, fit_member,
     )  # fmt: skip
 
 
@@ -153,7 +174,9 @@ def distillation(
     if name == "teacher" or not settings.distill.enabled:
         return None, None
     kd = settings.distill
-    teacher = FrozenTeacher(load_checkpoint(layout.model(settings.student(name).teacher))[0])
+    teacher = FrozenTeacher(
+        load_checkpoint(layout.model(promotion.round_teacher(settings, layout, name)))[0]
+    )
     if kd.teacher_input == "augmented":
         return Distillation(kd.temperature, online=teacher), None
     clean_teacher = functools.partial(
@@ -194,8 +217,10 @@ def training_inputs(settings: Settings, name: str, role: str, layout: Layout) ->
     inputs += [data_dir / "val" / "index.csv", layout.augment / f"{role}.json"]
     if role == "student":
         inputs.append(layout.pseudo_table(name))
+        inputs.append(layout.model(settings.student(name).teacher) / promotion.STANDING_FILE)
         if settings.distill.enabled:
-            inputs += sorted(layout.model(settings.student(name).teacher).glob("*.safetensors"))
+            teacher = promotion.round_teacher(settings, layout, name)
+            inputs += sorted(layout.model(teacher).glob("*.safetensors"))
     return inputs
 
 
@@ -246,8 +271,45 @@ def train_logged(
         )
         log_model(nets, card)
         curves = pd.DataFrame(rows).to_csv(index=False)
-        save_checkpoint(nets, card, layout.model(job.name), extra_files={"history.csv": curves})
+        val_accuracy = validation_accuracy(nets, members, job.val, settings)
+        save_checkpoint(
+            nets,
+            card,
+            layout.model(job.name),
+            extra_files={"history.csv": curves},
+            finish=functools.partial(write_standing, settings, job, layout, val_accuracy),
+        )
     return history
+
+
+def validation_accuracy(
+    nets: list[torch.nn.Module], members: list[Member], val: Split, settings: Settings
+) -> float:
+    """The accuracy of the model as saved (an ensemble's: of its averaged probabilities)."""
+    device = next(nets[0].parameters()).device
+    classifier = Classifier(nets, [m.mean for m in members], [m.std for m in members]).to(device)
+    loader = eval_loader(val.images, EVAL_BATCH_SIZE, settings.runtime, device)
+    return accuracy(classifier.eval(), loader, val.labels, device, settings.runtime)
+
+
+def write_standing(
+    settings: Settings, job: Job, layout: Layout, val_accuracy: float, staged: Path
+) -> None:
+    """Decide on validation whether this model is the best so far; record it in its folder and
+    in its MLflow run (the active one)."""
+    digest = promotion.weights_digest(staged)
+    if job.round == 0:
+        standing = promotion.first(job.name, val_accuracy, digest)
+    else:
+        before = promotion.teacher_standing(settings, layout, job.name)
+        standing = promotion.after_round(before, job.name, val_accuracy, digest, settings.selection)
+    (staged / promotion.STANDING_FILE).write_text(standing.to_json())
+    log.info("%s", standing.reason)
+    mlflow.log_metric("selected_val_accuracy", val_accuracy)
+    mlflow.set_tags(
+        {"promoted": str(standing.promoted).lower(), "best_so_far": standing.best,
+         "loop_stopped": str(standing.stopped).lower()}
+    )  # fmt: skip
 
 
 def train_member(
@@ -297,6 +359,7 @@ def train_member(
         on_epoch=on_epoch,
         on_first_batch=log_batch_image,
         checkpoint=checkpoint,
+        keep=settings.selection.epoch,
     )
     history = fit(net, train_set, val, config)
     return net, history

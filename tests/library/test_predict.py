@@ -4,6 +4,7 @@ model."""
 from __future__ import annotations
 
 import contextlib
+import json
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import load_settings
 from noisy_student.data.images import list_images, read_image
+from noisy_student.models import promotion
 from noisy_student.models.classifier import load_checkpoint
 from noisy_student.predict import predict
 from tests.helpers.entry import run_main
@@ -34,7 +36,8 @@ def test_predict_writes_a_row_per_image_with_the_models_probabilities(
     out = tmp_path / "predictions.csv"
     with contextlib.chdir(trained_project):
         counts = predict(load_settings(), folder, out=out, batch_size=4)  # several batches
-        classifier, card = load_checkpoint(trained_project / "models/student_1")
+        champion = promotion.champion(load_settings(), Layout.at())  # the default model
+        classifier, card = load_checkpoint(trained_project / "models" / champion)
     table = pd.read_csv(out, dtype={"id": str, "class": str})
     paths = list_images(folder)
     assert table["id"].tolist() == [p.relative_to(folder).as_posix() for p in paths]
@@ -89,6 +92,7 @@ def test_command_line(trained_project, folder, tmp_path, monkeypatch, capsys):
     out = tmp_path / "p.csv"
     assert run_main("noisy_student.predict", [str(folder), "--out", str(out)]) == 0
     stderr = capsys.readouterr().err
-    assert "student_1 classified" in stderr and len(pd.read_csv(out)) > 0
+    champion = json.loads((trained_project / "reports/registry.json").read_text())["champion"]
+    assert f"{champion} classified" in stderr and len(pd.read_csv(out)) > 0
     assert run_main("noisy_student.predict", [str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope'}: not a folder of images"

@@ -15,6 +15,7 @@ from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import load_settings
 from noisy_student.data.splits import load_split
+from noisy_student.models import promotion
 from noisy_student.models.classifier import load_checkpoint
 from noisy_student.models.onnx_export import ATOL, INPUT, OUTPUT, RTOL, check_against_torch, export
 
@@ -35,7 +36,8 @@ def exported(trained_project, tmp_path_factory):
 
 def test_onnx_runtime_matches_pytorch_on_test_images_at_any_batch_size(exported):
     project, path = exported
-    classifier, card = load_checkpoint(project / "models/student_1")  # the last round's
+    champion = json.loads((project / "reports/registry.json").read_text())["champion"]
+    classifier, card = load_checkpoint(project / "models" / champion)  # chosen on validation
     images = load_split("test", Layout.at(project).prepared).images
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (given,) = session.get_inputs()
@@ -54,16 +56,19 @@ def test_onnx_runtime_matches_pytorch_on_test_images_at_any_batch_size(exported)
 def test_the_onnx_file_names_its_classes_and_input_size(exported):
     project, path = exported
     metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    card = json.loads((project / "models/student_1/card.json").read_text())
+    champion = promotion.champion(load_settings(project / "params.yaml"), Layout.at(project))
+    card = json.loads((project / f"models/{champion}/card.json").read_text())
     assert json.loads(metadata["classes"]) == card["classes"]
-    assert metadata["image_size"] == str(card["image_size"]) and metadata["model"] == "student_1"
+    assert metadata["image_size"] == str(card["image_size"]) and metadata["model"] == champion
     assert not list(path.parent.glob(".final.onnx*"))  # written atomically, nothing left over
 
 
 def test_the_check_fails_on_a_model_that_differs(exported):
     """The export's own check is not a formality: another model's ONNX file fails it."""
     project, path = exported
-    teacher, _ = load_checkpoint(project / "models/teacher")
+    champion = json.loads((project / "reports/registry.json").read_text())["champion"]
+    other = "student_1" if champion == "teacher" else "teacher"
+    teacher, _ = load_checkpoint(project / "models" / other)
     images = np.asarray(load_split("val", Layout.at(project).prepared).images[:4])
     with pytest.raises(PipelineError, match="ONNX Runtime's logits differ from PyTorch's"):
         check_against_torch(teacher, path, images)

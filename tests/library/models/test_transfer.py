@@ -172,3 +172,28 @@ def test_hub_weights_go_through_timms_loader_and_fail_clearly_offline(monkeypatc
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PipelineError, match="pretrained: true: timm could not fetch the weights"):
         create_model(spec(pretrained=True), 3)
+
+
+def test_keep_best_ends_with_the_best_validation_epoch_and_last_with_the_last():
+    recipe = spec(epochs=4, lr=0.05)
+    train, val = tiny_data()
+    kept = {}
+    for keep in ("best", "last"):
+        torch.manual_seed(0)
+        model = create_model(recipe, 3)
+        states = {}
+
+        def remember(result, model=model, states=states):
+            states[result.epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+
+        config = FitConfig(recipe, CPU, torch.device("cpu"), 0, keep, on_epoch=remember, keep=keep)
+        history = fit(model, train, val, config)
+        kept[keep] = (model.state_dict(), history, states)
+    state, history, states = kept["best"]
+    best = max(h.val_accuracy for h in history)
+    chosen = max(h.epoch for h in history if h.val_accuracy == best)  # a tie: the later epoch
+    for key, value in state.items():
+        assert torch.equal(value, states[chosen][key]), key
+    state, history, states = kept["last"]
+    for key, value in state.items():
+        assert torch.equal(value, states[len(history)][key]), key

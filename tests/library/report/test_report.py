@@ -93,12 +93,13 @@ def reported(trained_project, tmp_path_factory):
 def test_report_page_holds_every_picture(reported):
     project, settings, page, out = reported
     text = page.read_text()
+    registry = json.loads((project / "reports/registry.json").read_text())
     pictures = sorted((out / "plots/images").glob("*.png"))
     assert [p.name for p in pictures] == [
         "01_test_accuracy.png",
         "02_learning_curves.png",
         "03_pseudo_labels-student_1.png",
-        "04_confusion-student_1.png",
+        f"04_confusion-{registry['champion']}.png",  # the champion's
         "05_augmentation_preview.png",
     ]
     embedded = re.findall(r'<img src="data:image/png;base64,([^"]+)"', text)
@@ -108,10 +109,9 @@ def test_report_page_holds_every_picture(reported):
         project / "artifacts/augment/preview.png"
     ).read_bytes()
     assert 'src="http' not in text and "<script" not in text  # nothing to fetch: self-contained
-    registry = json.loads((project / "reports/registry.json").read_text())
-    assert f"Champion: {registry['champion']} " in text
+    assert f"Champion, chosen on validation: {registry['champion']} " in text
     assert f"models:/{settings.mlflow.registered_model}@champion" in text
-    assert "Round 1, student_1: " in text
+    assert "Round 1: student_1 " in text and "promoted" in text
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """The MLflow model registry, against a real sqlite store: one version per trained model, no
-duplicates when evaluate and register run again, `champion` on the best, and the champion loads
-and predicts."""
+duplicates when evaluate and register run again, `champion` on the loop's best on validation, and
+the champion loads and predicts."""
 
 from __future__ import annotations
 
@@ -15,19 +15,14 @@ import torch
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import load_settings
 from noisy_student.evaluation.evaluate import evaluate
+from noisy_student.models import promotion
 from noisy_student.models.classifier import load_checkpoint
 from noisy_student.tracking.registry import (
     CHAMPION,
-    champion_of,
     point_champion,
     register,
     register_models,
 )
-
-
-def test_the_champion_is_the_best_and_a_tie_goes_to_the_earlier_round():
-    assert champion_of({"teacher": 0.8, "student_1": 0.9, "student_2": 0.85}) == "student_1"
-    assert champion_of({"teacher": 0.9, "student_1": 0.9}) == "teacher"
 
 
 @contextlib.contextmanager
@@ -64,7 +59,11 @@ def test_every_model_is_a_version_and_the_best_is_champion(trained_project):
                 output_format="list",
             )  # the MLflow 3 logged model of the training run
             assert [f"models:/{m.model_id}" for m in logged] == [version.source]
-        best = max(metrics, key=lambda m: metrics[m]["test_accuracy"])
+            assert float(version.tags["val_accuracy"]) == pytest.approx(
+                metrics[entry["model"]]["val_accuracy"], abs=1e-6
+            )
+        # chosen on validation: the final standing's best, whatever the test accuracies say
+        best = promotion.champion(settings, Layout.at(trained_project))
         assert recorded["champion"] == best
         champion = client.get_model_version_by_alias(name, CHAMPION)
         assert champion.tags["model_name"] == best
@@ -90,24 +89,23 @@ def test_evaluating_and_registering_again_adds_no_version(trained_project, tmp_p
 
 
 @pytest.mark.slow
-def test_the_alias_follows_the_accuracies_and_can_be_put_back(trained_project):
+def test_the_alias_follows_the_champion_and_can_be_put_back(trained_project):
     with project_store(trained_project) as (settings, client):
         cfg = settings.mlflow
         recorded = json.loads((trained_project / "reports/registry.json").read_text())
         run_ids = {m["model"]: m["run_id"] for m in recorded["models"]}
         architectures = dict.fromkeys(run_ids, "test_resnet")
+        val = dict.fromkeys(run_ids, 0.5)
+        accuracies = {"teacher": 0.5, "student_1": 0.7}
         try:
-            for best, accuracies in (
-                ("student_1", {"teacher": 0.5, "student_1": 0.7}),
-                ("teacher", {"teacher": 0.7, "student_1": 0.5}),
-            ):
-                result = register(cfg, accuracies, run_ids, architectures)
+            for best in ("student_1", "teacher"):  # not the test accuracies' choice
+                result = register(cfg, accuracies, run_ids, architectures, best, val)
                 alias = client.get_model_version_by_alias(cfg.registered_model, CHAMPION)
                 assert result["champion"] == best and alias.tags["model_name"] == best
                 assert len(versions_of(client, cfg.registered_model)) == 2
         finally:  # what the fixture's register stage found, for the other tests
             register(cfg, {m["model"]: m["test_accuracy"] for m in recorded["models"]}, run_ids,
-                     architectures)  # fmt: skip
+                     architectures, recorded["champion"], val)  # fmt: skip
         point_champion(cfg, {**recorded, "champion": "teacher"})
         alias = client.get_model_version_by_alias(cfg.registered_model, CHAMPION)
         assert alias.tags["model_name"] == "teacher"
@@ -124,6 +122,8 @@ def test_a_model_without_a_run_is_left_out_not_fatal(trained_project):
             {"teacher": 0.5, "student_1": 0.6},
             {"teacher": None, "student_1": None},
             {"teacher": "test_resnet", "student_1": "test_resnet"},
+            "student_1",
+            {"teacher": 0.5, "student_1": 0.6},
         )
         assert result["champion"] == "student_1"
         assert [m["version"] for m in result["models"]] == [None, None]

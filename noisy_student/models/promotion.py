@@ -1,0 +1,151 @@
+"""Which model the loop stands on after each round, decided on the validation split.
+
+A student becomes the next round's teacher only if its validation accuracy beats the best model
+so far by more than ``selection.margin``; otherwise the next round learns from the best model so
+far, and after ``selection.patience`` rounds in a row that did not pay, the loop stops: the later
+rounds finish at once, untrained. The champion (what export, predict, the registry's alias and the
+report's headline take) is the best model after the last round.
+
+Every model folder holds ``standing.json``, written with its weights by the training stage. It
+carries the best model's name and the digest of its weights: the next round depends on the
+previous round's folder only (dvc.yaml), and through this digest that folder changes whenever the
+model it points at does, so ``dvc repro`` never keeps pseudo-labels made by a stale model.
+
+JSON and hashing only: the stages that read standings need not import torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.layout import Layout
+from noisy_student.core.settings import SelectionSettings, Settings
+
+STANDING_FILE = "standing.json"
+
+
+@dataclass(frozen=True)
+class Standing:
+    """Where the loop stands once model ``model`` has had its turn."""
+
+    model: str
+    trained: bool  # false: the loop had stopped before this round; nothing was trained
+    val_accuracy: float | None  # this model's (None: not trained)
+    promoted: bool  # this model is now the best: the next round learns from it
+    best: str  # the best model so far, by validation accuracy
+    best_val_accuracy: float
+    best_weights: str  # sha256 of the best model's weights files
+    rounds_without_gain: int  # rounds in a row, up to this one, that did not beat the best
+    stopped: bool  # no round after this one trains
+    reason: str  # why it was (not) promoted, why the loop stopped: for people
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over a model folder's weights files, in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def first(name: str, val_accuracy: float, digest: str) -> Standing:
+    """The teacher: the best so far by definition."""
+    return Standing(
+        name, True, val_accuracy, True, name, val_accuracy, digest, 0, False,
+        f"{name}: validation accuracy {val_accuracy:.4f}, the first model of the loop",
+    )  # fmt: skip
+
+
+def after_round(
+    previous: Standing, name: str, val_accuracy: float, digest: str, rule: SelectionSettings
+) -> Standing:
+    """The standing once student ``name`` scored ``val_accuracy``, given the one before it."""
+    gain = val_accuracy - previous.best_val_accuracy
+    if gain > rule.margin + 1e-9:  # accuracies are multiples of 1/N: no float noise decides
+        reason = (
+            f"{name} promoted: validation accuracy {val_accuracy:.4f} beats {previous.best}'s "
+            f"{previous.best_val_accuracy:.4f} by {gain:+.4f} (margin {rule.margin})"
+        )
+        return Standing(
+            name, True, val_accuracy, True, name, val_accuracy, digest, 0, False, reason
+        )  # fmt: skip
+    misses = previous.rounds_without_gain + 1
+    stopped = rule.patience is not None and misses >= rule.patience
+    reason = (
+        f"{name} not promoted: validation accuracy {val_accuracy:.4f} does not beat "
+        f"{previous.best}'s {previous.best_val_accuracy:.4f} by more than {rule.margin} "
+        f"({gain:+.4f}); the next round learns from {previous.best}"
+    )
+    if stopped:
+        reason = (
+            f"{name} not promoted ({val_accuracy:.4f} vs {previous.best}'s "
+            f"{previous.best_val_accuracy:.4f}, margin {rule.margin}): {misses} round(s) in a "
+            f"row without gain (selection.patience {rule.patience}), so the loop stops; "
+            f"{previous.best} is the champion"
+        )
+    return replace(
+        previous,
+        model=name,
+        trained=True,
+        val_accuracy=val_accuracy,
+        promoted=False,
+        rounds_without_gain=misses,
+        stopped=stopped,
+        reason=reason,
+    )
+
+
+def skipped(previous: Standing, name: str) -> Standing:
+    """A round after the loop stopped: nothing trained, the standing carried over."""
+    return replace(
+        previous,
+        model=name,
+        trained=False,
+        val_accuracy=None,
+        promoted=False,
+        reason=f"{name} not trained: the loop stopped before this round ({previous.reason})",
+    )
+
+
+def load_standing(folder: Path) -> Standing:
+    path = folder / STANDING_FILE
+    if not path.exists():
+        raise PipelineError(f"{path}: not found; train that model first (dvc repro)")
+    try:
+        return Standing(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise PipelineError(f"{path}: not a standing written by this version ({exc})") from None
+
+
+def teacher_standing(settings: Settings, layout: Layout, student: str) -> Standing:
+    """Where the loop stood before round ``student``: its declared teacher's standing."""
+    return load_standing(layout.model(settings.student(student).teacher))
+
+
+def round_teacher(settings: Settings, layout: Layout, student: str) -> str:
+    """The model that teaches round ``student``: the best model so far (its declared teacher if
+    that one was promoted)."""
+    return teacher_standing(settings, layout, student).best
+
+
+def trained_models(settings: Settings, layout: Layout) -> list[str]:
+    """The models of the loop that were trained, in loop order (rounds after a stop were not)."""
+    return [n for n in settings.model_names() if load_standing(layout.model(n)).trained]
+
+
+def final_standing(settings: Settings, layout: Layout) -> Standing:
+    """The standing after the last round: its ``best`` is the champion."""
+    return load_standing(layout.model(settings.model_names()[-1]))
+
+
+def champion(settings: Settings, layout: Layout) -> str:
+    """The best model of the loop on validation: what users take away."""
+    return final_standing(settings, layout).best

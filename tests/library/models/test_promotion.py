@@ -1,0 +1,71 @@
+"""The promotion rule: a student becomes the next teacher only if it beats the best model so far
+on validation by more than the margin; rounds that do not pay count towards the stop."""
+
+from __future__ import annotations
+
+import pytest
+
+from noisy_student.core.errors import PipelineError
+from noisy_student.core.settings import SelectionSettings
+from noisy_student.models import promotion
+
+
+def rule(margin: float = 0.0, patience: int | None = 2) -> SelectionSettings:
+    return SelectionSettings(epoch="best", margin=margin, patience=patience)
+
+
+def test_a_student_that_beats_the_best_by_more_than_the_margin_is_promoted():
+    teacher = promotion.first("teacher", 0.80, "t")
+    student = promotion.after_round(teacher, "student_1", 0.83, "s1", rule(margin=0.02))
+    assert student.promoted and student.best == "student_1" and student.best_weights == "s1"
+    assert student.best_val_accuracy == 0.83 and student.rounds_without_gain == 0
+
+
+@pytest.mark.parametrize("val_accuracy", [0.70, 0.80, 0.81])
+def test_a_student_that_does_not_pay_leaves_the_best_in_place(val_accuracy):
+    teacher = promotion.first("teacher", 0.80, "t")
+    student = promotion.after_round(teacher, "student_1", val_accuracy, "s1", rule(margin=0.01))
+    assert not student.promoted and not student.stopped
+    assert (student.best, student.best_val_accuracy, student.best_weights) == ("teacher", 0.8, "t")
+    assert student.rounds_without_gain == 1 and "learns from teacher" in student.reason
+
+
+def test_the_loop_stops_after_patience_rounds_in_a_row_without_gain():
+    standing = promotion.first("teacher", 0.80, "t")
+    standing = promotion.after_round(standing, "student_1", 0.79, "s1", rule(patience=2))
+    assert not standing.stopped
+    standing = promotion.after_round(standing, "student_2", 0.80, "s2", rule(patience=2))
+    assert standing.stopped and standing.best == "teacher" and "loop stops" in standing.reason
+    skipped = promotion.skipped(standing, "student_3")
+    assert not skipped.trained and skipped.val_accuracy is None and skipped.best == "teacher"
+    assert skipped.stopped  # every later round finishes at once too
+
+
+def test_a_gain_resets_the_count_and_null_patience_never_stops():
+    standing = promotion.first("teacher", 0.80, "t")
+    standing = promotion.after_round(standing, "student_1", 0.70, "s1", rule(patience=2))
+    standing = promotion.after_round(standing, "student_2", 0.90, "s2", rule(patience=2))
+    assert standing.rounds_without_gain == 0 and standing.best == "student_2"
+    for k in range(3, 8):
+        standing = promotion.after_round(standing, f"student_{k}", 0.5, "x", rule(patience=None))
+    assert not standing.stopped and standing.rounds_without_gain == 5
+
+
+def test_standings_round_trip_and_a_missing_one_names_the_file(tmp_path):
+    standing = promotion.after_round(
+        promotion.first("teacher", 0.8, "t"), "student_1", 0.9, "s1", rule()
+    )
+    (tmp_path / promotion.STANDING_FILE).write_text(standing.to_json())
+    assert promotion.load_standing(tmp_path) == standing
+    with pytest.raises(PipelineError, match=r"other/standing.json: not found"):
+        promotion.load_standing(tmp_path / "other")
+
+
+def test_the_weights_digest_changes_with_the_weights(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"a")
+    (tmp_path / "card.json").write_text("{}")
+    before = promotion.weights_digest(tmp_path)
+    (tmp_path / "card.json").write_text('{"x": 1}')
+    assert promotion.weights_digest(tmp_path) == before  # the weights only
+    (tmp_path / "model.safetensors").write_bytes(b"b")
+    assert promotion.weights_digest(tmp_path) != before
