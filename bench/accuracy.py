@@ -86,7 +86,7 @@ VARIANTS: dict[str, tuple[str, Path | dict[str, Any]]] = {
 }
 GAP_TARGET = 0.70  # the final student must close this share of labeled-only -> fully supervised
 # the loop's stages a cell runs once and its runs share (checked: no variant may change them)...
-SHARED = ("prepare", "train_teacher")
+SHARED = ("scan", "prepare", "train_teacher")
 TEACHER = "train_teacher"  # ...the cell's steps: this stage and the stages it depends on
 LAST = "register"  # a run's steps: this stage and the stages it depends on, less SHARED
 _DAGS: dict[tuple, tuple[list[str], list[tuple[str, str]]]] = {}  # per rounds, read once

@@ -14,6 +14,8 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Layout:
     params: Path
+    sources: Path  # every user image prepare reads, with its digest (the scan stage)
+    scan_cache: Path  # the scan's digests by size and mtime (not a DVC output)
     prepared: Path  # data/prepared/<split>/ and classes.json
     augment: Path  # the albumentations policies and their preview
     models: Path  # models/<name>/: weights, card.json, history.csv
@@ -32,6 +34,8 @@ class Layout:
         root = Path(root)
         return cls(
             params=root / "params.yaml",
+            sources=root / "data" / "sources.json",
+            scan_cache=root / ".dvc" / "tmp" / "scan-digests.json",
             prepared=root / "data" / "prepared",
             augment=root / "artifacts" / "augment",
             models=root / "models",

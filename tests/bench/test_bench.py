@@ -82,7 +82,7 @@ def test_accuracy_benchmark_takes_its_steps_from_dvc_yaml(tiny_params, tmp_path)
     come from dvc.yaml as DVC reads it with the run's own rounds."""
     settings = load_settings(write_params(tmp_path / "params.yaml", tiny_params))
     cell, run = accuracy.loop_steps(settings)
-    assert [s.stage for s in cell] == ["prepare", "augment", "train_teacher"]
+    assert [s.stage for s in cell] == ["scan", "prepare", "augment", "train_teacher"]
     assert [s.stage for s in run] == [
         "augment",
         "pseudo_label@0",

@@ -14,14 +14,17 @@ import yaml
 from tests.helpers.images import folder_params, write_image_folders
 from tests.helpers.project import (
     ONE_ROUND,
+    SCAN,
     STAGES,
     copy_project,
+    dvc_status,
     load_params,
     make_project,
     quick,
     ran,
     run,
     shrink,
+    stages_from,
     write_params,
 )
 
@@ -110,12 +113,14 @@ def test_report_registry_export_and_dvc_plots(repro_demo):
     project, _ = repro_demo
     metrics = json.loads((project / "metrics.json").read_text())
     registry = json.loads((project / "reports/registry.json").read_text())
-    best = max(metrics, key=lambda name: metrics[name]["test_accuracy"])
+    standing = json.loads((project / "models/student_2/standing.json").read_text())
+    best = standing["best"]  # chosen on validation, whatever the test accuracies say
     assert registry["champion"] == best
+    assert metrics[best]["val_accuracy"] == max(m["val_accuracy"] for m in metrics.values())
     assert [m["version"] for m in registry["models"]] == [1, 2, 3]
     page = (project / "reports/report.html").read_text()
     assert page.count('<img src="data:image/png;base64,') == 6
-    assert f"Champion: {best} " in page
+    assert f"Champion, chosen on validation: {best} " in page
     assert (project / "exports/final.onnx").stat().st_size > 0
 
     plots = dvc_plots(project)
@@ -130,7 +135,7 @@ def test_report_registry_export_and_dvc_plots(repro_demo):
         "reports/plots/learning_curves/teacher.csv",
         "reports/plots/confidence/student_2.csv",
         "reports/plots/kept_per_class/student_1.csv",
-        "reports/plots/images/05_confusion-student_2.png",
+        f"reports/plots/images/05_confusion-{best}.png",
         "reports/plots/images/06_augmentation_preview.png",
     ):
         assert plot_id in plots, sorted(plots)
@@ -139,9 +144,9 @@ def test_report_registry_export_and_dvc_plots(repro_demo):
 def test_second_repro_skips_everything(repro_demo):
     project, _ = repro_demo
     output = run(["dvc", "repro"], project).stdout
-    assert ran(output) == []
-    assert all(f"Stage '{s}' didn't change, skipping" in output for s in STAGES)
-    assert "up to date" in run(["dvc", "status"], project).stdout
+    assert ran(output) == [SCAN]  # it finds the same images: nothing after it runs
+    assert all(f"Stage '{s}' didn't change, skipping" in output for s in STAGES[1:])
+    assert dvc_status(project) == {}
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     outs = {o["path"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
     assert {
@@ -174,7 +179,7 @@ def test_threshold_change_reruns_only_downstream_stages_in_a_recipes_experiment(
     recipe = [sys.executable, "-m", "noisy_student.recipes", "configs/class_balance.yaml"]
     output = run(recipe, project)
     assert "dvc exp run -n class_balance -S pseudo_label.balance=true" in output.stdout
-    assert ran(output.stdout) == STAGES[3:]
+    assert ran(output.stdout) == [SCAN, *stages_from("pseudo_label@0")]
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     experiments = {
         exp["name"]: exp
@@ -191,9 +196,26 @@ def test_threshold_change_reruns_only_downstream_stages_in_a_recipes_experiment(
     assert summary["balance"] is True and len(counts) == 1
 
 
+def outputs_bytes(project) -> dict[str, bytes]:
+    """Every model's and pseudo-label table's bytes."""
+    files = [*project.glob("models/*/*"), *project.glob("pseudo_labels/*")]
+    return {str(f.relative_to(project)): f.read_bytes() for f in files}
+
+
+def move_one(source, target) -> None:
+    """One image from class folder ``source`` into ``target``: a relabeled image."""
+    image = sorted(source.iterdir())[0]
+    image.rename(target / image.name)
+
+
 def test_users_own_folders(tmp_path):
     images = write_image_folders(tmp_path / "images", images_per_class=6, pool=30)
     params = folder_params(shrink(load_params()), images)
+    for cls in ("class_0", "class_1", "class_2"):  # a validation folder of its own
+        (images / "val" / cls).mkdir(parents=True)
+        for _ in range(2):
+            move_one(images / "test" / cls, images / "val" / cls)
+    params["data"]["val_dir"] = str(images / "val")
     params["students"] = params["students"][:1]
     params["teacher"]["epochs"] = 3
     params["students"][0]["epochs"] = 1
@@ -210,7 +232,24 @@ def test_users_own_folders(tmp_path):
     assert "kept_accuracy" not in summary  # the pool's truth is unknown
     rounds = pd.read_csv(project / "reports/plots/rounds.csv")
     assert rounds["kept_accuracy"].isna().all()
-    assert "Champion: " in (project / "reports/report.html").read_text()
+    assert "Champion, chosen on validation: " in (project / "reports/report.html").read_text()
     plots = dvc_plots(project)
     assert "errors" not in json.dumps(plots)
     assert len(plots["reports/plots/images/03_pseudo_labels-student_1.png"]) == 1
+
+    # DVC sees the files, not the folders' paths: a relabeled test image reruns evaluation and
+    # what follows it; every model, pseudo-label table and the champion stay as they were
+    before, champion = outputs_bytes(project), registry_champion(project)
+    move_one(images / "test" / "class_0", images / "test" / "class_1")
+    output = run(["dvc", "repro"], project)
+    assert ran(output.stdout) == [SCAN, "prepare", "evaluate", "register", "report"]
+    assert outputs_bytes(project) == before and registry_champion(project) == champion
+    assert json.loads((project / "metrics.json").read_text()) != metrics
+    # a relabeled labeled image reruns the trainings
+    move_one(images / "labeled" / "class_0", images / "labeled" / "class_1")
+    output = run(["dvc", "repro"], project)
+    assert {"prepare", "augment", "train_teacher", "train_student@0"} <= set(ran(output.stdout))
+
+
+def registry_champion(project) -> str:
+    return json.loads((project / "reports/registry.json").read_text())["champion"]
