@@ -240,16 +240,83 @@ def test_users_own_folders(tmp_path):
     # DVC sees the files, not the folders' paths: a relabeled test image reruns evaluation and
     # what follows it; every model, pseudo-label table and the champion stay as they were
     before, champion = outputs_bytes(project), registry_champion(project)
+    predictions = project / "reports/test_predictions/teacher.csv"
+    actual = pd.read_csv(predictions)["actual"].value_counts().to_dict()
     move_one(images / "test" / "class_0", images / "test" / "class_1")
     output = run(["dvc", "repro"], project)
     assert ran(output.stdout) == [SCAN, "prepare", "evaluate", "register", "report"]
     assert outputs_bytes(project) == before and registry_champion(project) == champion
-    assert json.loads((project / "metrics.json").read_text()) != metrics
-    # a relabeled labeled image reruns the trainings
+    now = pd.read_csv(predictions)["actual"].value_counts().to_dict()
+    assert (now["class_0"], now["class_1"]) == (actual["class_0"] - 1, actual["class_1"] + 1)
+    # a relabeled labeled image: the trainings are out of date (prepared again, not retrained)
     move_one(images / "labeled" / "class_0", images / "labeled" / "class_1")
-    output = run(["dvc", "repro"], project)
-    assert {"prepare", "augment", "train_teacher", "train_student@0"} <= set(ran(output.stdout))
+    run(["dvc", "repro", "prepare"], project)
+    assert {"augment", "train_teacher", "train_student@0"} <= set(dvc_status(project))
 
 
 def registry_champion(project) -> str:
     return json.loads((project / "reports/registry.json").read_text())["champion"]
+
+
+def failing(student: dict) -> dict:
+    """A round made to fail: one epoch at a learning rate that barely moves the weights."""
+    return {**student, "epochs": 1, "warmup_epochs": 0, "lr": 1e-6}
+
+
+def test_a_round_that_does_not_pay_is_not_promoted_and_the_loop_stops(repro_demo, tmp_path):
+    """Two failed rounds in a row (selection.patience 2): round 2 learns from the teacher, the
+    best so far; round 3 finishes at once, untrained; the teacher is what users take away."""
+    project = copy_project(repro_demo[0], tmp_path / "copy")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["selection"].update(margin=0.0, patience=2)
+    third = {**params["students"][1], "name": "student_3", "teacher": "student_2"}
+    params["students"] = [failing(params["students"][0]), failing(params["students"][1]), third]
+    write_params(project / "params.yaml", params)
+    output = run(["dvc", "repro"], project).stdout
+    assert "train_teacher" not in ran(output) and "pseudo_label@0" not in ran(output)
+
+    standing = {
+        name: json.loads((project / f"models/{name}/standing.json").read_text())
+        for name in ("teacher", "student_1", "student_2", "student_3")
+    }
+    assert [s["promoted"] for s in standing.values()] == [True, False, False, False]
+    assert [s["best"] for s in standing.values()] == ["teacher"] * 4
+    assert standing["student_2"]["stopped"] and not standing["student_3"]["trained"]
+    assert not (project / "models/student_3/model.safetensors").exists()
+    # round 2 learned from the teacher, not from the student that did not pay
+    pseudo = project / "pseudo_labels"
+    assert json.loads((pseudo / "student_2.json").read_text())["teacher"] == "teacher"
+    assert (pseudo / "student_2.csv").read_bytes() == (pseudo / "student_1.csv").read_bytes()
+    assert json.loads((pseudo / "student_3.json").read_text())["stopped"] is True
+    assert len(pd.read_csv(pseudo / "student_3.csv")) == 0
+
+    # export, predict, the registry and the report agree: the teacher is the champion
+    assert registry_champion(project) == "teacher"
+    champion = mlflow_champion(project, params["mlflow"]["registered_model"])
+    assert champion.tags["model_name"] == "teacher"
+    onnx_model = onnx_metadata(project / "exports/final.onnx")
+    assert onnx_model["model"] == "teacher"
+    photos = write_image_folders(tmp_path / "photos", images_per_class=1, pool=3) / "pool"
+    out = tmp_path / "predictions.csv"
+    predict = [sys.executable, "-m", "noisy_student.predict", str(photos), "--out", str(out)]
+    assert "teacher classified 3 images" in run(predict, project).stderr
+    assert (
+        "Champion, chosen on validation: teacher " in (project / "reports/report.html").read_text()
+    )
+    comparison = (project / "reports/comparison.md").read_text()
+    assert "loop stops" in comparison and "student_3" not in json.loads(
+        (project / "metrics.json").read_text()
+    )
+    # a stopped loop is a finished result: the next repro skips every stage after the scan
+    assert ran(run(["dvc", "repro"], project).stdout) == [SCAN]
+
+
+def mlflow_champion(project, name: str):
+    client = mlflow.MlflowClient(f"sqlite:///{project}/mlflow.db")
+    return client.get_model_version_by_alias(name, "champion")
+
+
+def onnx_metadata(path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
