@@ -12,6 +12,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from noisy_student.augment.streams import OwnedRandom
 from noisy_student.core.settings import PolicySettings
 
 POLICIES = ("teacher", "student")
@@ -82,19 +83,24 @@ class TrainTransform:
     """RandAugment (timm, on PIL images) then the albumentations policy, numpy in and out.
 
     RandAugment comes first so that the policy's erasing stays the last op (as in timm's
-    training transforms). RandAugment draws from Python's and NumPy's global generators, which
-    PyTorch seeds per DataLoader worker; the policy keeps its own (``seed_policy``)."""
+    training transforms). RandAugment draws from ``owned`` (the training's, augment/streams.py),
+    the policy from its own generators (``seed_policy``); each DataLoader worker reseeds both."""
 
-    def __init__(self, policy: A.Compose, randaugment=None) -> None:
+    def __init__(
+        self, policy: A.Compose, randaugment=None, owned: OwnedRandom | None = None
+    ) -> None:
         self.policy = policy
         self.randaugment = randaugment
+        self.owned = owned if owned is not None else OwnedRandom(0)
 
     def reseed(self, seed: int) -> None:
         seed_policy(self.policy, seed)
+        self.owned.seed(seed)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         if self.randaugment is not None:
             from PIL import Image
 
-            image = np.asarray(self.randaugment(Image.fromarray(image)))
+            with self.owned.active():
+                image = np.asarray(self.randaugment(Image.fromarray(image)))
         return self.policy(image=image)["image"]

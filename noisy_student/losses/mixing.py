@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from timm.data.mixup import Mixup
 
+from noisy_student.augment.streams import OwnedRandom
 from noisy_student.core.settings import ModelTraining
 
 
@@ -36,7 +37,9 @@ def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
 class BatchMixer:
     """MixUp and CutMix, each with its own per-batch probability (one of them at most per batch)."""
 
-    def __init__(self, spec: ModelTraining) -> None:
+    def __init__(self, spec: ModelTraining, owned: OwnedRandom | None = None) -> None:
+        """``owned``: the training's generators, which timm's Mixup draws from."""
+        self.owned = owned if owned is not None else OwnedRandom(0)
         total = spec.mixup_p + spec.cutmix_p
         self.enabled = total > 0
         if not self.enabled:
@@ -63,7 +66,8 @@ class BatchMixer:
             return (images, *per_item)
         self.mixup.num_classes = n
         head = images[:n]  # a view: timm mixes it in place
-        _, matrix = self.mixup(head, torch.arange(n, device=images.device))
+        with self.owned.active():
+            _, matrix = self.mixup(head, torch.arange(n, device=images.device))
         mixed = []
         for values in per_item:
             top = (matrix.to(values.dtype) @ values[:n].reshape(n, -1)).reshape(values[:n].shape)

@@ -13,6 +13,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import random_seed
 from torch.nn.parallel import DistributedDataParallel
 
+from noisy_student.augment.streams import OwnedRandom
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.progress import Progress, track
 from noisy_student.core.settings import ModelTraining, RuntimeSettings
@@ -188,8 +189,11 @@ def _set_up(model: torch.nn.Module, train_set: TrainingImages, config: FitConfig
         t_in_epochs=False,
     )
     scheduler.step_update(0)  # applies each group's lr_scale from the very first batch
-    policies = [d.transform.policy for d in parts(train_set) if d.transform is not None]
-    streams = RandomStreams(policies[0] if policies else None, loader.generator)
+    transforms = [d.transform for d in parts(train_set) if d.transform is not None]
+    # the generators timm's RandAugment and Mixup draw from: one pair, as the global ones were
+    owned = transforms[0].owned if transforms else OwnedRandom(config.seed)
+    policy = transforms[0].policy if transforms else None
+    streams = RandomStreams(policy, owned, loader.generator)
     return _Loop(
         model,
         classifier,
@@ -199,7 +203,7 @@ def _set_up(model: torch.nn.Module, train_set: TrainingImages, config: FitConfig
         optimizer,
         scheduler,
         streams,
-        BatchMixer(spec),
+        BatchMixer(spec, owned),
         memory_format,
     )
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from noisy_student.augment.streams import OwnedRandom, jsonable, tupled
 from noisy_student.core.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -177,8 +178,9 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 class RandomStreams:
     """Every random stream a training draws from, captured and restored together."""
 
-    def __init__(self, policy: Any | None, generator: torch.Generator) -> None:
+    def __init__(self, policy: Any | None, owned: OwnedRandom, generator: torch.Generator) -> None:
         self.policy = policy  # an albumentations Compose (its own NumPy and Python generators)
+        self.owned = owned  # timm's RandAugment and Mixup draw from these
         self.generator = generator  # the DataLoader's: shuffling, and the workers' seeds
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -193,11 +195,12 @@ class RandomStreams:
                 tensors[f"rng.cuda.{i}"] = cuda_state
         meta: dict[str, Any] = {
             "numpy": [kind, int(pos), int(has_gauss), float(gauss)],
-            "python": _jsonable(random.getstate()),
+            "python": jsonable(random.getstate()),
+            "owned": self.owned.state(),
         }
         if self.policy is not None:
             meta["policy_numpy"] = self.policy.random_generator.bit_generator.state
-            meta["policy_python"] = _jsonable(self.policy.py_random.getstate())
+            meta["policy_python"] = jsonable(self.policy.py_random.getstate())
         return tensors, meta
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -206,18 +209,11 @@ class RandomStreams:
         kind, pos, has_gauss, gauss = meta["numpy"]
         keys = tensors["rng.numpy"].numpy().astype(np.uint32)
         np.random.set_state((kind, keys, pos, has_gauss, gauss))
-        random.setstate(_tupled(meta["python"]))
+        random.setstate(tupled(meta["python"]))
+        self.owned.restore(meta["owned"])
         cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
         if cuda and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
         if self.policy is not None:
             self.policy.random_generator.bit_generator.state = meta["policy_numpy"]
-            self.policy.py_random.setstate(_tupled(meta["policy_python"]))
-
-
-def _jsonable(value: Any) -> Any:
-    return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
-
-
-def _tupled(value: Any) -> Any:
-    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
+            self.policy.py_random.setstate(tupled(meta["policy_python"]))

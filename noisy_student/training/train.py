@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from noisy_student.augment.policy import TrainTransform, load_policy, randaugment, seed_policy
+from noisy_student.augment.streams import OwnedRandom
 from noisy_student.core.atomic import atomic_path
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
@@ -330,13 +331,15 @@ def train_member(
     """One network, trained in place under the active MLflow run."""
     seed_everything(seed)
     seed_policy(policy, seed)
+    owned = OwnedRandom(seed)  # RandAugment's and Mixup's: nothing else in the process draws them
     noise = randaugment(spec.randaugment_n, spec.randaugment_m, settings.data.image_size)
-    attach_transform(train_set, TrainTransform(policy, noise if spec.randaugment_n > 0 else None))
+    transform = TrainTransform(policy, noise if spec.randaugment_n > 0 else None, owned)
+    attach_transform(train_set, transform)
     net = create_model(spec, len(classes), architecture)
     rank = distributed.world().rank
     if rank > 0:  # the same initial weights everywhere, but each process its own noise
         seed_everything(seed + RANK_SEED_STRIDE * rank)
-        seed_policy(policy, seed + RANK_SEED_STRIDE * rank)
+        transform.reseed(seed + RANK_SEED_STRIDE * rank)
 
     def on_epoch(result: EpochResult) -> None:
         metrics = {

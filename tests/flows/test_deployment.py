@@ -16,14 +16,22 @@ from prefect.client.schemas.filters import LogFilter
 from prefect.deployments import run_deployment
 
 from tests.helpers.flows import flow_project
-from tests.helpers.project import copy_project, dvc_status, mlflow_runs, venv_env, write_params
+from tests.helpers.project import (
+    copy_project,
+    dvc_status,
+    loop_results,
+    mlflow_runs,
+    venv_env,
+    write_params,
+)
 
 pytestmark = pytest.mark.slow
 
 
-def test_served_deployment_runs_through_the_api(prefect_server, tmp_path):
+def test_served_deployment_runs_through_the_api(prefect_server, repro_demo, tmp_path):
     """Two deployment runs started at the same moment: one waits for the other (the project's
-    run lock), both complete, and neither corrupts the outputs or the MLflow store."""
+    run lock), both complete, and neither corrupts the outputs or the MLflow store; the models
+    and pseudo-labels are those `dvc repro` made of the same params and data, byte for byte."""
     project = flow_project(tmp_path / "p")
     env = {**venv_env(), "PREFECT_API_URL": prefect_server}
     serve = subprocess.Popen(
@@ -72,6 +80,7 @@ def test_served_deployment_runs_through_the_api(prefect_server, tmp_path):
     }
     assert dvc_status(project) == {}
     assert os.path.exists(project / "pseudo_labels/student_2.csv")
+    assert loop_results(project) == loop_results(repro_demo[0])
     runs = mlflow_runs(project)
     parents = [r for r in runs if r.data.tags.get("stage") == "flow"]
     trainings = [r for r in runs if r.data.tags.get("stage") != "flow"]

@@ -29,6 +29,7 @@ from tests.helpers.project import (
     copy_project,
     dvc_status,
     load_params,
+    loop_results,
     make_project,
     mlflow_runs,
     ran,
@@ -115,9 +116,12 @@ def test_overrides_hold_for_the_run_and_leave_params_yaml_as_it_was(tmp_path):
 
 
 @pytest.mark.slow
-def test_flow_run_is_versioned_like_dvc_repro(flow_demo):
+def test_flow_run_is_versioned_like_dvc_repro(flow_demo, repro_demo):
     project, state = flow_demo
     assert state.is_completed(), state.message
+    # one result per params and data: the flow, in this long-lived process, trained the models
+    # and wrote the pseudo-labels `dvc repro` did, byte for byte
+    assert loop_results(project) == loop_results(repro_demo[0])
     assert outcomes(state) == dict.fromkeys(STAGES, "ran")
     assert dvc_status(project) == {}
     output = run(["dvc", "repro"], project).stdout
@@ -208,12 +212,25 @@ def test_second_run_skips_every_stage(flow_demo):
 
 @pytest.mark.slow
 def test_overrides_apply_to_one_run_only(flow_demo, tmp_path):
+    """A new threshold and a first round made to fail, for one run: round 1 is not promoted and
+    round 2 learns from the teacher, as under `dvc repro`; then params.yaml's results return."""
     # a copy: the shared project stays as the other tests expect
     project = copy_project(flow_demo[0], tmp_path / "copy")
     params_text = (project / "params.yaml").read_text()
 
-    state = flow_run(project, {"pseudo_label.threshold": 0.5})
+    overrides = {"pseudo_label.threshold": 0.5, "students.0.epochs": 1, "students.0.lr": 1e-6}
+    state = flow_run(project, overrides)
     assert state.is_completed(), state.message
+    student_1 = json.loads((project / "models/student_1/standing.json").read_text())
+    assert not student_1["promoted"] and student_1["best"] == "teacher"
+    pseudo = project / "pseudo_labels"
+    assert json.loads((pseudo / "student_2.json").read_text())["teacher"] == "teacher"
+    assert (pseudo / "student_2.csv").read_bytes() == (pseudo / "student_1.csv").read_bytes()
+    final = json.loads((project / "models/student_2/standing.json").read_text())
+    store = mlflow.MlflowClient(f"sqlite:///{project}/mlflow.db")
+    parent = store.get_run(state.result()["mlflow_run_id"])
+    assert parent.data.tags["champion"] == final["best"] == registry_champion(project)
+    assert parent.data.tags["loop_end"] == final["reason"]
     first, first_accuracy = state, json.loads((project / "metrics.json").read_text())
     assert outcomes(state) == {
         SCAN: "ran",
@@ -229,7 +246,7 @@ def test_overrides_apply_to_one_run_only(flow_demo, tmp_path):
     assert {r.data.params["pseudo_label.threshold"] for r in this_run} == {"0.5"}
     with get_client(sync_client=True) as client:
         recorded = client.read_flow_run(state.state_details.flow_run_id).parameters
-    assert recorded["overrides"] == {"pseudo_label.threshold": 0.5}
+    assert recorded["overrides"] == overrides
 
     # params.yaml's values again: DVC's run-cache gives back the earlier results, no training
     state = flow_run(project)
@@ -339,3 +356,7 @@ def test_failed_round_resumes_at_the_failed_stage(prefect_server, tmp_path, fail
     state = flow_run(project, {"students.1.epochs": 2})
     assert state.is_completed(), state.message
     assert calls == ["student_2", "student_2"]
+
+
+def registry_champion(project) -> str:
+    return json.loads((project / "reports/registry.json").read_text())["champion"]

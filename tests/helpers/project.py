@@ -170,3 +170,15 @@ def mlflow_runs(project: Path) -> list:
 def training_runs(runs: list) -> list:
     """MLflow runs of trainings only: under `dvc repro` the report stage logs a run of its own."""
     return [r for r in runs if r.data.tags.get("stage") != "report"]
+
+
+def loop_results(project: Path) -> dict[str, bytes]:
+    """What one params.yaml and one dataset must always give, whichever entry point ran the loop:
+    every model's weights and standing, and every pseudo-label table (not the run ids, the
+    timings or the MLflow store)."""
+    files = [
+        *project.glob("models/*/*.safetensors"),
+        *project.glob("models/*/standing.json"),
+        *project.glob("pseudo_labels/*.csv"),
+    ]
+    return {str(f.relative_to(project)): f.read_bytes() for f in sorted(files)}
