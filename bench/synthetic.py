@@ -17,6 +17,7 @@ from noisy_student.core.layout import Layout
 from noisy_student.core.settings import ModelTraining
 from noisy_student.data.prepare import write_split
 from noisy_student.data.splits import UNKNOWN
+from noisy_student.models import promotion
 from noisy_student.models.card import Member, ModelCard
 from noisy_student.models.classifier import create_model, normalization, save_checkpoint
 
@@ -63,5 +64,11 @@ def write_model(folder: Path, spec: ModelTraining, image_size: int) -> Path:
         mlflow_run_id=None,
         members=[Member(spec.model, "model.safetensors", mean, std, None)],
     )
-    save_checkpoint([net], card, folder)
+    save_checkpoint([net], card, folder, finish=first_of_the_loop)
     return folder
+
+
+def first_of_the_loop(staged: Path) -> None:
+    """The standing a trained teacher has (its students' stages read it)."""
+    standing = promotion.first(staged.name, 0.0, promotion.weights_digest(staged))
+    (staged / promotion.STANDING_FILE).write_text(standing.to_json())

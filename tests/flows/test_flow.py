@@ -48,7 +48,7 @@ def test_flow_follows_the_dvc_dag(tmp_path):
     names, edges = DvcProject(project).dag()
     settings = load_settings(project / "params.yaml")
     order = [step.stage for step in dvc_yaml_plan(settings, project)]
-    assert sorted(order) == sorted(names) and len(order) == len(set(order)) == 13
+    assert sorted(order) == sorted(names) and len(order) == len(set(order)) == 14
     position = {stage: i for i, stage in enumerate(order)}
     assert edges, "dvc.yaml's stages depend on each other"
     for upstream, downstream in edges:
