@@ -99,6 +99,9 @@ class AugmentSettings(Strict):
 class RuntimeSettings(Strict):
     device: Literal["auto", "cpu", "cuda"]
     num_workers: NonNegativeInt
+    # torch's CPU threads per training process; None: the cores shared among this machine's
+    # training processes. Set, not inherited (OMP_NUM_THREADS), because CPU results depend on it
+    cpu_threads: PositiveInt | None
     amp: bool
     channels_last: bool
     checkpoint_epochs: PositiveInt

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from noisy_student.augment.streams import OwnedRandom
 from noisy_student.core.atomic import atomic_path
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
-from noisy_student.core.settings import ModelTraining, Settings
+from noisy_student.core.settings import ModelTraining, RuntimeSettings, Settings
 from noisy_student.data.splits import Split, load_classes, load_split
 from noisy_student.losses.distill import Distillation, FrozenTeacher, precompute
 from noisy_student.models import promotion
@@ -329,6 +330,7 @@ def train_member(
     distill: Distillation | None,
 ) -> tuple[torch.nn.Module, list[EpochResult]]:
     """One network, trained in place under the active MLflow run."""
+    torch.set_num_threads(training_threads(settings.runtime))
     seed_everything(seed)
     seed_policy(policy, seed)
     owned = OwnedRandom(seed)  # RandAugment's and Mixup's: nothing else in the process draws them
@@ -366,6 +368,12 @@ def train_member(
     )
     history = fit(net, train_set, val, config)
     return net, history
+
+
+def training_threads(runtime: RuntimeSettings) -> int:
+    """torch's CPU threads for one training process: ``runtime.cpu_threads``, or this machine's
+    cores shared among its training processes."""
+    return runtime.cpu_threads or max(1, (os.cpu_count() or 1) // runtime.devices)
 
 
 def check_round_flags(settings: Settings, name: str, flags: list[str]) -> None:
