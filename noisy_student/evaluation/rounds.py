@@ -85,8 +85,9 @@ def comparison_markdown(rounds: pd.DataFrame, final: promotion.Standing) -> str:
         correct = "-" if math.isnan(r["kept_accuracy"]) else f"{100 * r['kept_accuracy']:.1f}%"
         delta = "" if r["round"] == 0 else f"{100 * (r['test_accuracy'] - teacher_acc):+.1f} pts"
         promoted = "" if r["round"] == 0 else ("yes" if r["promoted"] else "no")
+        taught_by = "-" if r["round"] == 0 else r["taught_by"]
         lines.append(
-            f"| {r['model']} | {r['architecture']} | {r['taught_by'] or '-'} | {kept} | {correct} "
+            f"| {r['model']} | {r['architecture']} | {taught_by} | {kept} | {correct} "
             f"| {100 * r['val_accuracy']:.1f}% | {promoted} | {100 * r['test_accuracy']:.1f}% "
             f"| {delta} |"
         )
