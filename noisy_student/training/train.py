@@ -202,6 +202,7 @@ def run_params(
         "data": settings.data.model_dump(),
         "augment": getattr(settings.augment, role).model_dump(),
         "runtime": settings.runtime.model_dump(),
+        "selection": settings.selection.model_dump(),  # which epoch is kept, and the promotion
         "train_images": images,
         "labeled_images": labeled,
     }
