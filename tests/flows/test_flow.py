@@ -33,6 +33,7 @@ from tests.helpers.project import (
     make_project,
     mlflow_runs,
     ran,
+    registry_champion,
     run,
     shrink,
     stages_between,
@@ -356,7 +357,3 @@ def test_failed_round_resumes_at_the_failed_stage(prefect_server, tmp_path, fail
     state = flow_run(project, {"students.1.epochs": 2})
     assert state.is_completed(), state.message
     assert calls == ["student_2", "student_2"]
-
-
-def registry_champion(project) -> str:
-    return json.loads((project / "reports/registry.json").read_text())["champion"]

@@ -182,3 +182,8 @@ def loop_results(project: Path) -> dict[str, bytes]:
         *project.glob("pseudo_labels/*.csv"),
     ]
     return {str(f.relative_to(project)): f.read_bytes() for f in sorted(files)}
+
+
+def registry_champion(project: Path) -> str:
+    """The champion the register stage recorded in ``reports/registry.json``."""
+    return json.loads((project / "reports/registry.json").read_text())["champion"]

@@ -22,6 +22,7 @@ from tests.helpers.project import (
     make_project,
     quick,
     ran,
+    registry_champion,
     run,
     shrink,
     stages_from,
@@ -252,10 +253,6 @@ def test_users_own_folders(tmp_path):
     move_one(images / "labeled" / "class_0", images / "labeled" / "class_1")
     run(["dvc", "repro", "prepare"], project)
     assert {"augment", "train_teacher", "train_student@0"} <= set(dvc_status(project))
-
-
-def registry_champion(project) -> str:
-    return json.loads((project / "reports/registry.json").read_text())["champion"]
 
 
 def failing(student: dict) -> dict:
