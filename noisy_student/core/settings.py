@@ -200,7 +200,9 @@ class SelectionSettings(Strict):
     """Every choice of the loop, made on the validation split (the test set only reports)."""
 
     epoch: Literal["best", "last"]  # which epoch's weights a training keeps
-    margin: Annotated[float, Field(ge=0.0, lt=1.0)]  # validation accuracy a student must gain
+    # validation accuracy a student must gain; None: promotion off, every student teaches the
+    # next round (the original Noisy Student loop, kept to measure what the rule buys)
+    margin: Annotated[float, Field(ge=0.0, lt=1.0)] | None
     patience: PositiveInt | None  # rounds in a row without gain before the loop stops; None: never
 
 

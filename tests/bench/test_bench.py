@@ -111,15 +111,24 @@ def test_accuracy_benchmark_runs_shares_the_teacher_and_resumes(bench_params, tm
         params_file=bench_params,
         labels_per_class=[3],
         seeds=[0],
-        variants=["baseline", "threshold_off"],
+        variants=["baseline", "threshold_off", "no_promotion"],
         work=tmp_path / "work",
         out_dir=tmp_path / "out",
     )
     text = accuracy.run(**kwargs)
     rows = accuracy.read_records(tmp_path / "out" / "accuracy.jsonl")
     by_variant = {r["variant"]: r for r in rows}
-    assert set(by_variant) == {"baseline", accuracy.UPPER, "threshold_off"}
+    assert set(by_variant) == {"baseline", accuracy.UPPER, "threshold_off", "no_promotion"}
     base, upper = by_variant["baseline"], by_variant[accuracy.UPPER]
+    # the model shipped is chosen on validation; with promotion off it is the last student, and
+    # a run whose baseline promoted every round is the baseline's (nothing trained twice)
+    assert base["champion"] in base["test_accuracy"] and set(base["promoted"]) == {
+        "student_1",
+        "student_2",
+    }
+    off = by_variant["no_promotion"]
+    assert off["champion"] == "student_2" and all(off["promoted"].values())
+    assert (off.get("same_as") == "baseline") == all(base["promoted"].values())
     assert list(base["test_accuracy"]) == ["teacher", "student_1", "student_2"]
     # the steps dvc.yaml wires after the teacher, each timed
     assert list(base["seconds"]) == [
@@ -137,15 +146,16 @@ def test_accuracy_benchmark_runs_shares_the_teacher_and_resumes(bench_params, tm
     assert upper["pseudo_labels"]["final"]["kept"] == upper["pseudo_labels"]["final"]["pool_images"]
     # each run evaluated and registered in its own folder, on the cell's one dataset
     (cell,) = (tmp_path / "work").glob("digits-lpc3-seed0-*")
-    for variant in by_variant:
+    for variant in (v for v, r in by_variant.items() if not r.get("same_as")):
         assert (cell / "runs" / variant / "registry.json").exists()
         assert (cell / "runs" / variant / "test_predictions" / "teacher.csv").exists()
     assert not list(cell.glob("runs/*/prepared"))
     threshold_off = by_variant["threshold_off"]["pseudo_labels"]["student_1"]
-    assert threshold_off["kept"] == threshold_off["pool_images"]
+    assert threshold_off["above_threshold"] == threshold_off["pool_images"]
     assert "digits, 3 labels/class" in text and "threshold off" in text
     csv = pd.read_csv(tmp_path / "out" / "accuracy.csv")
-    assert set(csv["variant"]) == {"baseline", accuracy.UPPER, "threshold_off"}
+    assert set(csv["variant"]) == {"baseline", accuracy.UPPER, "threshold_off", "no_promotion"}
+    assert "the champion: best on validation" in text and "| seed |" in text
     accuracy.run(**kwargs)  # everything recorded: nothing runs again
     assert len(accuracy.read_records(tmp_path / "out" / "accuracy.jsonl")) == len(rows)
 

@@ -10,7 +10,7 @@ from noisy_student.core.settings import SelectionSettings
 from noisy_student.models import promotion
 
 
-def rule(margin: float = 0.0, patience: int | None = 2) -> SelectionSettings:
+def rule(margin: float | None = 0.0, patience: int | None = 2) -> SelectionSettings:
     return SelectionSettings(epoch="best", margin=margin, patience=patience)
 
 
@@ -69,3 +69,11 @@ def test_the_weights_digest_changes_with_the_weights(tmp_path):
     assert promotion.weights_digest(tmp_path) == before  # the weights only
     (tmp_path / "model.safetensors").write_bytes(b"b")
     assert promotion.weights_digest(tmp_path) != before
+
+
+def test_with_promotion_off_every_student_teaches_the_next_round_whatever_it_scored():
+    standing = promotion.first("teacher", 0.80, "t")
+    for name, val_accuracy in (("student_1", 0.70), ("student_2", 0.60)):
+        standing = promotion.after_round(standing, name, val_accuracy, name, rule(margin=None))
+        assert standing.promoted and standing.best == name and not standing.stopped
+    assert standing.best_val_accuracy == 0.60 and "promotion off" in standing.reason
