@@ -32,8 +32,22 @@ NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 
 
 def known_timm_model(name: str) -> str:
+    """A name as ``timm.create_model`` takes it: a registry name (``resnet18``,
+    ``resnet18.a1_in1k``), a Hugging Face Hub model (``hf-hub:timm/resnet18.a1_in1k``: checked
+    when created, it needs the hub or its cache) or a local folder (``local-dir:path``)."""
     import timm  # imported here: timm pulls in torch, which only model users need
+    from timm.models._factory import parse_model_name  # timm's own reading of the prefixes
 
+    source, model_id = parse_model_name(name)  # its ValueError names the problem
+    if source == "local-dir":
+        if not (Path(model_id) / "config.json").is_file():
+            raise ValueError(
+                f"'{name}': {model_id} has no config.json (timm's local-dir layout: config.json "
+                "and model.safetensors, as timm's push_to_hub_prep writes them)"
+            )
+        return name
+    if source is not None:
+        return name
     if not timm.is_model(name):
         close = timm.list_models(f"*{name[:4]}*")[:5]
         hint = f" (close names: {', '.join(close)})" if close else ""
@@ -97,7 +111,8 @@ class AugmentSettings(Strict):
 
 
 class RuntimeSettings(Strict):
-    device: Literal["auto", "cpu", "cuda"]
+    # auto (CUDA if present) or a device as PyTorch names it: cpu, cuda, cuda:1, mps
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")]
     num_workers: NonNegativeInt
     # torch's CPU threads per training process; None: the cores shared among this machine's
     # training processes. Set, not inherited (OMP_NUM_THREADS), because CPU results depend on it

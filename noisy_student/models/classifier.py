@@ -38,6 +38,13 @@ def create_model(spec: ModelTraining, num_classes: int, architecture: str | None
     except TypeError as exc:
         raise PipelineError(f"timm model '{name}' rejected its settings ({exc})") from None
     except Exception as exc:  # no network, shapes that do not fit, a pickle in a .pth file
+        if name.startswith(("hf-hub:", "hf_hub:")):
+            detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise PipelineError(
+                f"timm model '{name}': could not be read from the Hugging Face Hub ({detail}); "
+                "without a network, fetch it once where there is one (the hub cache is reused), "
+                "or save it with timm and name it local-dir:<folder>"
+            ) from None
         if spec.pretrained is False:
             raise
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
@@ -101,15 +108,29 @@ def load_checkpoint(
 
 
 def resolve_device(runtime: RuntimeSettings) -> torch.device:
-    """The device of this process: under torchrun, GPU ``LOCAL_RANK`` of the machine."""
-    if runtime.device == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("runtime.device is 'cuda' but no CUDA device is available")
+    """The device of this process: under torchrun, GPU ``LOCAL_RANK`` of the machine (offset by
+    the index of ``cuda:N``); else ``runtime.device`` as PyTorch names it."""
     kind = runtime.device
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
-    return torch.device(kind)
+    device = torch.device(kind)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise PipelineError(f"runtime.device is '{kind}' but MPS is not available here")
+    if device.type != "cuda":
+        return device
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    rank = os.environ.get("LOCAL_RANK")  # set by torchrun: one GPU per process
+    if device.index is not None:
+        index = device.index + int(rank or 0)
+    else:
+        index = int(rank) if rank is not None else torch.cuda.current_device() if count else 0
+    if index >= count:
+        where = f" (torchrun process LOCAL_RANK {rank})" if rank is not None else ""
+        raise PipelineError(
+            f"runtime.device is '{runtime.device}' but this machine has {count} CUDA device(s)"
+            f"{where}"
+        )
+    return torch.device("cuda", index)
 
 
 class Normalize(torch.nn.Module):

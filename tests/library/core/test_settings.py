@@ -40,6 +40,9 @@ def error_for(tmp_path, params) -> str:
         (lambda p: p["data"].pop("image_size"), "data.image_size: missing key"),
         (lambda p: p["data"].update(source="csv"), "data.source:"),
         (lambda p: p["teacher"].update(model="resnet_does_not_exist"), "unknown timm model"),
+        (lambda p: p["teacher"].update(model="timm/resnet18"), "Use 'hf-hub:timm/resnet18'"),
+        (lambda p: p["teacher"].update(model="local-dir:/nowhere"), "/nowhere has no config"),
+        (lambda p: p["runtime"].update(device="gpu"), "runtime.device: String should match"),
         (lambda p: p["students"][1].update(teacher="teacher"), "students[1].teacher must be"),
         (lambda p: p["students"][0].update(name="big"), "students[0].name must be 'student_1'"),
         (lambda p: p.update(students=[]), "students:"),
@@ -106,3 +109,17 @@ def test_cli_prints_one_line_and_exits_non_zero(tmp_path, params, monkeypatch, c
     assert "Traceback" not in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # stopped before any work
     assert not Layout.at(tmp_path).prepared.exists()
+
+
+def test_model_and_device_names_as_timm_and_pytorch_write_them(params):
+    raw = apply_overrides(
+        params,
+        {
+            "teacher.model": "resnet18.a1_in1k",
+            "students.0.model": "hf-hub:timm/resnet18.a1_in1k",
+            "runtime.device": "cuda:1",
+        },
+    )
+    settings = Settings.model_validate(raw)
+    assert settings.students[0].model == "hf-hub:timm/resnet18.a1_in1k"
+    assert settings.runtime.device == "cuda:1"

@@ -174,6 +174,28 @@ def test_hub_weights_go_through_timms_loader_and_fail_clearly_offline(monkeypatc
         create_model(spec(pretrained=True), 3)
 
 
+def test_a_model_saved_by_timm_in_a_local_folder_is_a_model_name(tmp_path):
+    from timm.models._hub import save_for_hf
+
+    torch.manual_seed(2)
+    source = timm.create_model("resnet10t", num_classes=10)
+    save_for_hf(source, str(tmp_path / "mine"), safe_serialization=True)
+    name = f"local-dir:{tmp_path / 'mine'}"
+    model = create_model(spec(model=name, pretrained=True), 3)  # as timm.create_model names it
+    assert torch.equal(model.conv1[0].weight, source.conv1[0].weight)
+    assert model.fc.weight.shape == (3, 512)
+    assert create_model(spec(model=name), 3).fc.weight.shape == (3, 512)  # random init, same net
+
+
+def test_a_hub_model_name_is_accepted_and_fails_clearly_offline(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    recipe = spec(model="hf-hub:timm/resnet10t.c3_in1k")  # the settings check accepts it
+    with pytest.raises(PipelineError, match="could not be read from the Hugging Face Hub"):
+        create_model(recipe, 3)
+
+
 def test_keep_best_ends_with_the_best_validation_epoch_and_last_with_the_last():
     recipe = spec(epochs=4, lr=0.05)
     train, val = tiny_data()
@@ -197,3 +219,12 @@ def test_keep_best_ends_with_the_best_validation_epoch_and_last_with_the_last():
     state, history, states = kept["last"]
     for key, value in state.items():
         assert torch.equal(value, states[len(history)][key]), key
+
+
+def test_a_device_this_machine_lacks_is_refused_by_name():
+    from noisy_student.models.classifier import resolve_device
+
+    assert resolve_device(CPU) == torch.device("cpu")
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(PipelineError, match=r"'cuda:1' but this machine has \d CUDA device"):
+            resolve_device(CPU.model_copy(update={"device": "cuda:1"}))
