@@ -65,7 +65,7 @@ class Strict(BaseModel):
 
 
 class DataSettings(Strict):
-    source: Literal["digits", "folders"]
+    source: Literal["digits", "folders", "manifest"]
     image_size: Annotated[int, Field(ge=8, le=1024)]
     labels_per_class: PositiveInt
     test_fraction: Fraction
@@ -74,9 +74,13 @@ class DataSettings(Strict):
     unlabeled_dir: str | None
     test_dir: str | None
     val_dir: str | None
+    manifest: str | None  # a CSV or Parquet table: path, split, label (data/manifest.py)
+    decode_workers: PositiveInt | None  # threads decoding the user's images; None: every core
 
     @model_validator(mode="after")
     def _folders_need_dirs(self) -> DataSettings:
+        if self.source == "manifest" and not self.manifest:
+            raise ValueError("data.source is 'manifest', so data.manifest must name a file")
         if self.source == "folders":
             for key in ("labeled_dir", "unlabeled_dir", "test_dir"):
                 if not getattr(self, key):

@@ -1,4 +1,4 @@
-"""Prepared splits from the demo digits or the user's folders -> resized RGB splits on disk.
+"""Prepared splits from the demo digits, the user's folders or a manifest -> resized RGB splits.
 
 Splits: labeled (few labels), val (monitoring only), test, unlabeled (the pool to pseudo-label).
 Every image is resized to ``data.image_size`` squared (aspect ratio not kept) and stored as uint8.
@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,7 @@ from noisy_student.core.layout import Layout
 from noisy_student.core.progress import track
 from noisy_student.core.settings import DataSettings, Settings
 from noisy_student.data.images import list_images, read_image, resize_rgb
+from noisy_student.data.manifest import MANIFEST_SPLITS, read_manifest
 from noisy_student.data.splits import SPLITS, UNKNOWN
 
 log = logging.getLogger(__name__)
@@ -93,6 +98,64 @@ def prepare_digits(data: DataSettings, seed: int, out: Path) -> list[str]:
     return classes
 
 
+@dataclass(frozen=True)
+class Item:
+    """One image of the user's: its id in the tables, its file, its class index."""
+
+    id: str
+    file: Path
+    label: int
+
+
+def decoded(files: Sequence[Path], size: int, workers: int) -> Iterator[np.ndarray]:
+    """``read_image`` of every file, in order, on ``workers`` threads (Pillow and OpenCV release
+    the GIL while they decode and resize); a bounded window keeps memory flat for any pool."""
+    if workers <= 1:
+        yield from (read_image(f, size) for f in files)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        window: deque[Future] = deque()
+        for f in files:
+            window.append(pool.submit(read_image, f, size))
+            if len(window) >= 4 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+def decode_workers(data: DataSettings) -> int:
+    return data.decode_workers or os.cpu_count() or 1
+
+
+def write_items(out: Path, name: str, items: Sequence[Item], data: DataSettings) -> None:
+    labels = [i.label for i in items]
+    index = _index([i.id for i in items], labels, labels, [str(i.file) for i in items])
+    files = [i.file for i in items]
+    images = decoded(files, data.image_size, decode_workers(data))
+    write_split(out / name, images, len(items), data.image_size, index, desc=name)
+
+
+def hold_out_val(test: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """No val split given: a seeded share of the test images becomes validation."""
+    order = np.random.default_rng(seed).permutation(len(test))
+    held = set(order[: max(1, round(len(test) * fraction))].tolist())
+    return [x for i, x in enumerate(test) if i not in held], [
+        x for i, x in enumerate(test) if i in held
+    ]
+
+
+def write_user_splits(
+    out: Path, data: DataSettings, seed: int, splits: dict[str, list[Item]]
+) -> None:
+    """The user's labeled, test, (val) and unlabeled items -> prepared splits."""
+    test, val = splits["test"], splits.get("val")
+    if not val:
+        test, val = hold_out_val(test, data.val_fraction, seed)
+    for name, items in (("labeled", splits["labeled"]), ("test", test), ("val", val),
+                        ("unlabeled", splits["unlabeled"])):  # fmt: skip
+        write_items(out, name, items, data)
+
+
 def class_folders(root: Path, key: str) -> dict[str, list[Path]]:
     if not root.is_dir():
         raise PipelineError(f"data.{key}: '{root}' is not a folder")
@@ -109,66 +172,55 @@ def class_folders(root: Path, key: str) -> dict[str, list[Path]]:
     return per_class
 
 
-def _labeled_split(
-    per_class: dict[str, list[Path]], classes: list[str], key: str
-) -> tuple[list[Path], list[int]]:
+def folder_items(root: Path, classes: list[str], key: str) -> list[Item]:
+    """A class-folder split's images, class by class (ids: paths under ``root``)."""
+    per_class = class_folders(root, key)
     unknown = sorted(set(per_class) - set(classes))
     if unknown:
         raise PipelineError(
             f"data.{key}: class folder(s) {unknown} do not exist in data.labeled_dir"
         )
-    paths = [p for c in classes for p in per_class.get(c, [])]
-    labels = [classes.index(c) for c in classes for _ in per_class.get(c, [])]
-    return paths, labels
-
-
-def _write_paths(out: Path, name: str, paths, labels, truth, root: Path, size: int) -> None:
-    ids = [p.relative_to(root).as_posix() for p in paths]
-    index = _index(ids, labels, truth, [str(p) for p in paths])
-    write_split(out / name, (read_image(p, size) for p in paths), len(paths), size, index, name)
+    return [
+        Item(p.relative_to(root).as_posix(), p, k)
+        for k, c in enumerate(classes)
+        for p in per_class.get(c, [])
+    ]
 
 
 def prepare_folders(data: DataSettings, seed: int, out: Path) -> list[str]:
     labeled_root = Path(data.labeled_dir)  # type: ignore[arg-type]
-    labeled = class_folders(labeled_root, "labeled_dir")
-    classes = sorted(labeled)
+    classes = sorted(class_folders(labeled_root, "labeled_dir"))
     if len(classes) < 2:
         raise PipelineError(f"data.labeled_dir: '{labeled_root}' needs at least 2 class folders")
-    size = data.image_size
-
-    paths, labels = _labeled_split(labeled, classes, "labeled_dir")
-    _write_paths(out, "labeled", paths, labels, labels, labeled_root, size)
-
-    test_root = Path(data.test_dir)  # type: ignore[arg-type]
-    test_paths, test_labels = _labeled_split(
-        class_folders(test_root, "test_dir"), classes, "test_dir"
-    )
+    splits = {
+        "labeled": folder_items(labeled_root, classes, "labeled_dir"),
+        "test": folder_items(Path(data.test_dir), classes, "test_dir"),  # type: ignore[arg-type]
+    }
     if data.val_dir:
-        val_root = Path(data.val_dir)
-        val_paths, val_labels = _labeled_split(
-            class_folders(val_root, "val_dir"), classes, "val_dir"
-        )
-    else:
-        # no val_dir: hold out a seeded share of the test folder for per-epoch monitoring
-        order = np.random.default_rng(seed).permutation(len(test_paths))
-        n_val = max(1, round(len(test_paths) * data.val_fraction))
-        val_set = set(order[:n_val].tolist())
-        val_paths = [p for i, p in enumerate(test_paths) if i in val_set]
-        val_labels = [y for i, y in enumerate(test_labels) if i in val_set]
-        test_paths = [p for i, p in enumerate(test_paths) if i not in val_set]
-        test_labels = [y for i, y in enumerate(test_labels) if i not in val_set]
-        val_root = test_root
-    _write_paths(out, "test", test_paths, test_labels, test_labels, test_root, size)
-    _write_paths(out, "val", val_paths, val_labels, val_labels, val_root, size)
-
+        splits["val"] = folder_items(Path(data.val_dir), classes, "val_dir")
     pool_root = Path(data.unlabeled_dir)  # type: ignore[arg-type]
     if not pool_root.is_dir():
         raise PipelineError(f"data.unlabeled_dir: '{pool_root}' is not a folder")
     pool = list_images(pool_root)
     if not pool:
         raise PipelineError(f"data.unlabeled_dir: '{pool_root}' holds no images")
-    hidden = [UNKNOWN] * len(pool)
-    _write_paths(out, "unlabeled", pool, hidden, hidden, pool_root, size)
+    splits["unlabeled"] = [Item(p.relative_to(pool_root).as_posix(), p, UNKNOWN) for p in pool]
+    write_user_splits(out, data, seed, splits)
+    return classes
+
+
+def prepare_manifest(data: DataSettings, seed: int, out: Path) -> list[str]:
+    manifest = read_manifest(Path(data.manifest))  # type: ignore[arg-type]
+    classes = manifest.classes()
+    index = {c: k for k, c in enumerate(classes)}
+    splits = {
+        name: [
+            Item(row.path, row.file, index.get(row.label, UNKNOWN))
+            for row in manifest.split(name).itertuples()
+        ]
+        for name in MANIFEST_SPLITS
+    }
+    write_user_splits(out, data, seed, splits)
     return classes
 
 
@@ -179,6 +231,8 @@ def prepare(settings: Settings, layout: Layout) -> dict[str, int]:
         staged.mkdir()
         if data.source == "digits":
             classes = prepare_digits(data, settings.seed, staged)
+        elif data.source == "manifest":
+            classes = prepare_manifest(data, settings.seed, staged)
         else:
             classes = prepare_folders(data, settings.seed, staged)
         counts = {

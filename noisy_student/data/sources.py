@@ -25,6 +25,7 @@ from noisy_student.core.layout import Layout
 from noisy_student.core.progress import track
 from noisy_student.core.settings import Settings
 from noisy_student.data.images import list_images
+from noisy_student.data.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 FOLDER_KEYS = ("labeled_dir", "unlabeled_dir", "test_dir", "val_dir")
@@ -80,6 +81,21 @@ def scan(settings: Settings, layout: Layout) -> dict:
         import sklearn
 
         manifest: dict = {"source": "digits", "scikit-learn": sklearn.__version__}
+    elif data.source == "manifest":
+        cache = DigestCache(layout.scan_cache)
+        table = read_manifest(Path(data.manifest))  # type: ignore[arg-type]
+        files = {
+            row.path: cache.digest(row.file)
+            for row in track(
+                table.rows.itertuples(), len(table.rows), "scan", "images", min_interval=5
+            )
+        }
+        manifest = {
+            "source": "manifest",
+            "manifest": {"path": data.manifest, "digest": file_digest(table.source)},
+            "files": files,
+        }
+        cache.save()
     else:
         cache = DigestCache(layout.scan_cache)
         manifest = {"source": "folders"}
@@ -91,6 +107,10 @@ def scan(settings: Settings, layout: Layout) -> dict:
     text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
     if not layout.sources.exists() or layout.sources.read_text() != text:
         write_text(layout.sources, text)
-    counts = {k: len(v["files"]) for k, v in manifest.items() if isinstance(v, dict)}
+    counts = {
+        k: len(v["files"]) for k, v in manifest.items() if isinstance(v, dict) and "files" in v
+    }
+    if manifest["source"] == "manifest":
+        counts = {"manifest": len(manifest["files"])}
     log.info("sources: %s", counts or manifest["source"])
     return manifest

@@ -45,3 +45,23 @@ def folder_params(params: dict[str, Any], root: Path) -> dict[str, Any]:
         val_fraction=0.25,
     )
     return params
+
+
+def write_manifest(root: Path, path: Path) -> Path:
+    """A manifest (CSV or Parquet, by ``path``'s suffix) of the images ``write_image_folders``
+    wrote, paths relative to the manifest's folder, rows shuffled as an export would give them."""
+    import pandas as pd
+
+    rows = []
+    for split, folder in (("labeled", "labeled"), ("test", "test"), ("unlabeled", "pool")):
+        for file in sorted((root / folder).rglob("*")):
+            if file.is_file() and file.suffix in (".png", ".jpg"):
+                label = file.parent.name if split != "unlabeled" else ""
+                rows.append({"path": file.relative_to(path.parent).as_posix(), "split": split,
+                             "label": label})  # fmt: skip
+    table = pd.DataFrame(rows).sample(frac=1.0, random_state=0)
+    if path.suffix == ".csv":
+        table.to_csv(path, index=False)
+    else:
+        table.to_parquet(path, index=False)
+    return path

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import load_settings
 from noisy_student.data.splits import load_split
-from tests.helpers.images import folder_params, write_image_folders
+from tests.helpers.images import folder_params, write_image_folders, write_manifest
 from tests.helpers.project import load_params, shrink, write_params
 
 
@@ -80,6 +80,15 @@ def test_truncated_image(folders, capsys, monkeypatch):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     prepare_fails(tmp_path, capsys, monkeypatch, "big.png: cannot read as an image")
+
+
+def test_manifest_naming_a_missing_image(folders, capsys, monkeypatch):
+    tmp_path, root, params = folders
+    manifest = write_manifest(root, root / "manifest.csv")
+    (root / "pool" / "batch one" / "ünïcode" / "pool_3.png").unlink()
+    params["data"].update(source="manifest", manifest=str(manifest))
+    write_params(tmp_path / "params.yaml", params)
+    prepare_fails(tmp_path, capsys, monkeypatch, "manifest.csv: row(s) [", "no such file")
 
 
 def test_empty_class_folder(folders, capsys, monkeypatch):

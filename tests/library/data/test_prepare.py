@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
@@ -15,7 +16,7 @@ from noisy_student.core.settings import Settings
 from noisy_student.data.images import resize_rgb
 from noisy_student.data.prepare import prepare, split_digits
 from noisy_student.data.splits import UNKNOWN, load_classes, load_split
-from tests.helpers.images import folder_params, write_image_folders
+from tests.helpers.images import folder_params, write_image_folders, write_manifest
 
 
 def settings_from(params) -> Settings:
@@ -97,4 +98,48 @@ def test_corrupt_image_names_the_file(tmp_path, tiny_params):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(PipelineError, match="broken.png: cannot read as an image"):
         prepare(settings_from(folder_params(tiny_params, root)), into(tmp_path / "prepared"))
+    assert not (tmp_path / "prepared").exists()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_manifest_of_the_same_images_prepares_the_same_data_as_folders(
+    tmp_path, tiny_params, suffix
+):
+    root = write_image_folders(tmp_path / "images")
+    folders = settings_from(folder_params(dict(tiny_params), root))
+    prepare(folders, into(tmp_path / "from_folders"))
+    manifest = write_manifest(root, root / f"manifest{suffix}")
+    params = folder_params(dict(tiny_params), root)
+    params["data"].update(source="manifest", manifest=str(manifest), decode_workers=2)
+    counts = prepare(settings_from(params), into(tmp_path / "from_manifest"))
+    assert counts == {"labeled": 12, "val": 3, "test": 9, "unlabeled": 10}
+    assert load_classes(tmp_path / "from_manifest") == load_classes(tmp_path / "from_folders")
+    for name in counts:  # the same pixels, labels and order; ids are the manifest's paths
+        a, b = (
+            load_split(name, tmp_path / "from_folders"),
+            load_split(name, tmp_path / "from_manifest"),
+        )
+        assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+        assert all(m.endswith(f) for f, m in zip(a.ids, b.ids, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda t: t.drop(columns="split"), r"no column\(s\) \['split'\]"),
+        (lambda t: t.assign(split=t["split"].where(t.index != 3, "train")), "split must be one of"),
+        (lambda t: t.assign(path=t["path"].where(t.index != 0, "gone.png")), "no such file"),
+        (lambda t: t.assign(label=t["label"].where(t["split"] != "test", "zebra")), "'zebra'"),
+        (lambda t: t[t["split"] != "unlabeled"], "no unlabeled rows"),
+        (lambda t: pd.concat([t, t.iloc[:1]]), "the same path listed twice"),
+    ],
+)
+def test_a_bad_manifest_names_the_file_the_rows_and_the_fix(tmp_path, tiny_params, edit, expected):
+    root = write_image_folders(tmp_path / "images")
+    path = write_manifest(root, root / "manifest.csv")
+    edit(pd.read_csv(path, dtype=str, keep_default_na=False)).to_csv(path, index=False)
+    params = folder_params(dict(tiny_params), root)
+    params["data"].update(source="manifest", manifest=str(path))
+    with pytest.raises(PipelineError, match=expected):
+        prepare(settings_from(params), into(tmp_path / "prepared"))
     assert not (tmp_path / "prepared").exists()

@@ -1,0 +1,39 @@
+"""The scan stage: every image the user's folders or manifest name, with the digest of its bytes."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from noisy_student.core.layout import Layout
+from noisy_student.core.settings import Settings
+from noisy_student.data.sources import scan
+from tests.helpers.images import folder_params, write_image_folders, write_manifest
+
+
+def test_a_changed_image_changes_its_entry_alone_whichever_source_names_it(tmp_path, tiny_params):
+    root = write_image_folders(tmp_path / "images")
+    manifest = write_manifest(root, root / "manifest.parquet")
+    folders = folder_params(dict(tiny_params), root)
+    by_manifest = json.loads(json.dumps(folders))
+    by_manifest["data"].update(source="manifest", manifest=str(manifest))
+    layout = Layout.at(tmp_path / "project")
+    before = {}
+    for name, params in (("folders", folders), ("manifest", by_manifest)):
+        scanned = scan(Settings.model_validate(params), layout)
+        before[name] = json.loads(layout.sources.read_text())
+        assert scanned == before[name]
+    labeled = before["folders"]["labeled_dir"]["files"]
+    assert (
+        before["manifest"]["files"]["labeled/class_1/labeled_1_1.png"]
+        == labeled["class_1/labeled_1_1.png"]
+    )
+    assert len(before["manifest"]["files"]) == 12 + 12 + 10
+
+    image = root / "labeled" / "class_1" / "labeled_1_1.png"
+    Image.new("L", (8, 8), 255).save(image)
+    after = scan(Settings.model_validate(by_manifest), layout)
+    changed = {k for k, v in after["files"].items() if before["manifest"]["files"][k] != v}
+    assert changed == {"labeled/class_1/labeled_1_1.png"}
+    assert after["manifest"] == before["manifest"]["manifest"]  # the table itself unchanged
