@@ -64,8 +64,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class HfSplits(Strict):
+    """Which split of a Hugging Face dataset is which of ours."""
+
+    labeled: Annotated[str, Field(min_length=1)]
+    unlabeled: Annotated[str, Field(min_length=1)]
+    test: Annotated[str, Field(min_length=1)]
+    val: str | None  # None: data.val_fraction of the test split is held out
+
+
 class DataSettings(Strict):
-    source: Literal["digits", "folders", "manifest"]
+    source: Literal["digits", "folders", "manifest", "hf_dataset"]
     image_size: Annotated[int, Field(ge=8, le=1024)]
     labels_per_class: PositiveInt
     test_fraction: Fraction
@@ -75,12 +84,16 @@ class DataSettings(Strict):
     test_dir: str | None
     val_dir: str | None
     manifest: str | None  # a CSV or Parquet table: path, split, label (data/manifest.py)
+    hf_dataset: str | None  # a DatasetDict saved with save_to_disk, or an imagefolder (data/hf.py)
+    hf_splits: HfSplits
     decode_workers: PositiveInt | None  # threads decoding the user's images; None: every core
 
     @model_validator(mode="after")
     def _folders_need_dirs(self) -> DataSettings:
         if self.source == "manifest" and not self.manifest:
             raise ValueError("data.source is 'manifest', so data.manifest must name a file")
+        if self.source == "hf_dataset" and not self.hf_dataset:
+            raise ValueError("data.source is 'hf_dataset', so data.hf_dataset must name a folder")
         if self.source == "folders":
             for key in ("labeled_dir", "unlabeled_dir", "test_dir"):
                 if not getattr(self, key):

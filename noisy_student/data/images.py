@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -43,15 +44,16 @@ def to_rgb8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def read_image(path: Path, size: int) -> np.ndarray:
+def read_image(source: Path | bytes, size: int, name: str | None = None) -> np.ndarray:
+    """A file, or an encoded image's bytes (``name`` says which image in errors)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
                 img.load()
                 rgb = to_rgb8(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise PipelineError(f"{path}: cannot read as an image ({exc})") from None
+        raise PipelineError(f"{name or source}: cannot read as an image ({exc})") from None
     return resize_rgb(rgb, size)
 
 

@@ -9,10 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,9 @@ from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.progress import track
 from noisy_student.core.settings import DataSettings, Settings
-from noisy_student.data.images import list_images, read_image, resize_rgb
+from noisy_student.data.hf import hf_items
+from noisy_student.data.images import list_images, resize_rgb
+from noisy_student.data.items import Item, decoded
 from noisy_student.data.manifest import MANIFEST_SPLITS, read_manifest
 from noisy_student.data.splits import SPLITS, UNKNOWN
 
@@ -98,40 +97,16 @@ def prepare_digits(data: DataSettings, seed: int, out: Path) -> list[str]:
     return classes
 
 
-@dataclass(frozen=True)
-class Item:
-    """One image of the user's: its id in the tables, its file, its class index."""
-
-    id: str
-    file: Path
-    label: int
-
-
-def decoded(files: Sequence[Path], size: int, workers: int) -> Iterator[np.ndarray]:
-    """``read_image`` of every file, in order, on ``workers`` threads (Pillow and OpenCV release
-    the GIL while they decode and resize); a bounded window keeps memory flat for any pool."""
-    if workers <= 1:
-        yield from (read_image(f, size) for f in files)
-        return
-    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
-        window: deque[Future] = deque()
-        for f in files:
-            window.append(pool.submit(read_image, f, size))
-            if len(window) >= 4 * workers:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
-
-
 def decode_workers(data: DataSettings) -> int:
     return data.decode_workers or os.cpu_count() or 1
 
 
 def write_items(out: Path, name: str, items: Sequence[Item], data: DataSettings) -> None:
     labels = [i.label for i in items]
-    index = _index([i.id for i in items], labels, labels, [str(i.file) for i in items])
-    files = [i.file for i in items]
-    images = decoded(files, data.image_size, decode_workers(data))
+    truth = [i.label if i.truth is None else i.truth for i in items]
+    origins = [i.origin or str(i.file) for i in items]
+    index = _index([i.id for i in items], labels, truth, origins)
+    images = decoded(items, data.image_size, decode_workers(data))
     write_split(out / name, images, len(items), data.image_size, index, desc=name)
 
 
@@ -233,6 +208,9 @@ def prepare(settings: Settings, layout: Layout) -> dict[str, int]:
             classes = prepare_digits(data, settings.seed, staged)
         elif data.source == "manifest":
             classes = prepare_manifest(data, settings.seed, staged)
+        elif data.source == "hf_dataset":
+            classes, splits = hf_items(data)
+            write_user_splits(staged, data, settings.seed, splits)
         else:
             classes = prepare_folders(data, settings.seed, staged)
         counts = {

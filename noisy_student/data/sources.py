@@ -74,6 +74,20 @@ def folder_manifest(root: Path, key: str, cache: DigestCache) -> dict[str, str]:
     }
 
 
+def every_file(root: Path, cache: DigestCache) -> dict[str, str]:
+    """Every file under ``root`` (a dataset's Arrow and JSON files, or its images) -> sha256."""
+    if not root.exists():
+        raise PipelineError(f"data.hf_dataset: '{root}' does not exist")
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )  # fmt: skip
+    return {
+        p.relative_to(root).as_posix(): cache.digest(p)
+        for p in track(files, len(files), "scan hf_dataset", "files", min_interval=5)
+    }
+
+
 def scan(settings: Settings, layout: Layout) -> dict:
     """Write ``layout.sources`` (only when it changed, so its timestamp means something too)."""
     data = settings.data
@@ -95,6 +109,12 @@ def scan(settings: Settings, layout: Layout) -> dict:
             "manifest": {"path": data.manifest, "digest": file_digest(table.source)},
             "files": files,
         }
+        cache.save()
+    elif data.source == "hf_dataset":
+        cache = DigestCache(layout.scan_cache)
+        root = Path(data.hf_dataset)  # type: ignore[arg-type]
+        files = every_file(root, cache)
+        manifest = {"source": "hf_dataset", "hf_dataset": {"path": data.hf_dataset, "files": files}}
         cache.save()
     else:
         cache = DigestCache(layout.scan_cache)

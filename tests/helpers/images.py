@@ -65,3 +65,28 @@ def write_manifest(root: Path, path: Path) -> Path:
     else:
         table.to_parquet(path, index=False)
     return path
+
+
+def write_hf_dataset(root: Path, out: Path) -> Path:
+    """The images ``write_image_folders`` wrote as a Hugging Face DatasetDict saved to disk (the
+    image bytes embedded in Arrow files): splits train (labeled), test and unlabeled."""
+    import datasets
+
+    classes = sorted(p.name for p in (root / "labeled").iterdir())
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)}
+    )
+    splits = {}
+    for name, folder in (("train", "labeled"), ("test", "test")):
+        files = [
+            (f, k) for k, c in enumerate(classes) for f in sorted((root / folder / c).glob("*"))
+        ]
+        splits[name] = datasets.Dataset.from_dict(
+            {"image": [str(f) for f, _ in files], "label": [k for _, k in files]}, features=features
+        )
+    pool = sorted(p for p in (root / "pool").rglob("*") if p.suffix in (".png", ".jpg"))
+    splits["unlabeled"] = datasets.Dataset.from_dict(
+        {"image": [str(p) for p in pool]}, features=datasets.Features({"image": datasets.Image()})
+    )
+    datasets.DatasetDict(splits).save_to_disk(str(out))
+    return out

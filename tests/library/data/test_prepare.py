@@ -16,7 +16,12 @@ from noisy_student.core.settings import Settings
 from noisy_student.data.images import resize_rgb
 from noisy_student.data.prepare import prepare, split_digits
 from noisy_student.data.splits import UNKNOWN, load_classes, load_split
-from tests.helpers.images import folder_params, write_image_folders, write_manifest
+from tests.helpers.images import (
+    folder_params,
+    write_hf_dataset,
+    write_image_folders,
+    write_manifest,
+)
 
 
 def settings_from(params) -> Settings:
@@ -143,3 +148,24 @@ def test_a_bad_manifest_names_the_file_the_rows_and_the_fix(tmp_path, tiny_param
     with pytest.raises(PipelineError, match=expected):
         prepare(settings_from(params), into(tmp_path / "prepared"))
     assert not (tmp_path / "prepared").exists()
+
+
+def test_a_hugging_face_dataset_of_the_same_images_prepares_the_same_data_as_folders(
+    tmp_path, tiny_params
+):
+    root = write_image_folders(tmp_path / "images")
+    prepare(settings_from(folder_params(dict(tiny_params), root)), into(tmp_path / "from_folders"))
+    saved = write_hf_dataset(root, tmp_path / "hf")
+    params = folder_params(dict(tiny_params), root)
+    params["data"].update(source="hf_dataset", hf_dataset=str(saved))
+    counts = prepare(settings_from(params), into(tmp_path / "from_hf"))
+    assert counts == {"labeled": 12, "val": 3, "test": 9, "unlabeled": 10}
+    assert load_classes(tmp_path / "from_hf") == ["class_0", "class_1", "class_2"]
+    for name in counts:
+        a, b = load_split(name, tmp_path / "from_folders"), load_split(name, tmp_path / "from_hf")
+        assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    assert load_split("labeled", tmp_path / "from_hf").ids[0] == "train/000000"
+
+    params["data"]["hf_splits"].update(unlabeled="pool")
+    with pytest.raises(PipelineError, match=r"split\(s\) \['pool'\] not in"):
+        prepare(settings_from(params), into(tmp_path / "again"))

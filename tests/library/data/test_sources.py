@@ -9,7 +9,12 @@ from PIL import Image
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import Settings
 from noisy_student.data.sources import scan
-from tests.helpers.images import folder_params, write_image_folders, write_manifest
+from tests.helpers.images import (
+    folder_params,
+    write_hf_dataset,
+    write_image_folders,
+    write_manifest,
+)
 
 
 def test_a_changed_image_changes_its_entry_alone_whichever_source_names_it(tmp_path, tiny_params):
@@ -37,3 +42,13 @@ def test_a_changed_image_changes_its_entry_alone_whichever_source_names_it(tmp_p
     changed = {k for k, v in after["files"].items() if before["manifest"]["files"][k] != v}
     assert changed == {"labeled/class_1/labeled_1_1.png"}
     assert after["manifest"] == before["manifest"]["manifest"]  # the table itself unchanged
+
+
+def test_a_hugging_face_dataset_is_scanned_file_by_file(tmp_path, tiny_params):
+    root = write_image_folders(tmp_path / "images")
+    saved = write_hf_dataset(root, tmp_path / "hf")
+    params = folder_params(dict(tiny_params), root)
+    params["data"].update(source="hf_dataset", hf_dataset=str(saved))
+    files = scan(Settings.model_validate(params), Layout.at(tmp_path / "p"))["hf_dataset"]["files"]
+    assert {"dataset_dict.json", "train/dataset_info.json"} <= set(files)
+    assert sum(name.endswith(".arrow") for name in files) == 3  # one per split
