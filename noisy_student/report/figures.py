@@ -175,3 +175,31 @@ def confusion(actual: list[str], predicted: list[str], classes: list[str], title
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     _save(fig, path)
+
+
+def reliability_diagram(bins: dict[str, pd.DataFrame], path: Path) -> None:
+    """Accuracy against confidence per confidence bin, one line per model: on the diagonal a
+    model's confidence means what it says; below it, the model is over-confident."""
+    fig, ax = plt.subplots(figsize=(6.0, 5.2))
+    ax.plot([0, 1], [0, 1], linestyle=":", color=REFERENCE, label="calibrated")
+    for name, table in bins.items():
+        used = table[table["images"] > 0]
+        ax.plot(used["confidence"], used["accuracy"], marker="o", markersize=3, label=name)
+    ax.set(xlabel="confidence (mean of the bin)", ylabel="accuracy in the bin", xlim=(0, 1),
+           ylim=(0, 1.02), title="Reliability on the test set")  # fmt: skip
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, path)
+
+
+def class_scores(scores: pd.DataFrame, title: str, path: Path, most: int = 30) -> None:
+    """Recall and precision per class (the weakest by recall first; at most ``most`` classes)."""
+    shown = scores.sort_values(["recall", "class"]).head(most).iloc[::-1]
+    height = max(3.0, 0.28 * len(shown) + 1.5)
+    fig, ax = plt.subplots(figsize=(7.0, height))
+    y = np.arange(len(shown))
+    ax.barh(y + 0.2, shown["recall"], height=0.4, color=PLAIN, label="recall")
+    ax.barh(y - 0.2, shown["precision"], height=0.4, color=DROPPED, label="precision")
+    ax.set_yticks(y, shown["class"].astype(str))
+    ax.set(xlim=(0, 1), xlabel="share of the test images", title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from noisy_student.core.settings import Settings
+from noisy_student.evaluation.scores import class_scores, reliability
 from noisy_student.report import figures
 from noisy_student.report.gather import Inputs
 
@@ -22,6 +23,28 @@ def histogram_rows(confidence: pd.Series, kept: pd.Series) -> pd.DataFrame:
     kept_counts, _ = np.histogram(confidence[kept.astype(bool)], bins=edges)
     labels = [f"{a:.2f}-{b:.2f}" for a, b in zip(edges[:-1], edges[1:], strict=True)]
     return pd.DataFrame({"confidence": labels, "images": images, "kept": kept_counts})
+
+
+def test_arrays(predictions: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A prediction table's true and predicted classes as indices."""
+    index = {c: i for i, c in enumerate(classes)}
+    return (
+        predictions["actual"].map(index).to_numpy(np.int64),
+        predictions["predicted"].map(index).to_numpy(np.int64),
+    )
+
+
+def class_table(inputs: Inputs) -> pd.DataFrame:
+    """Per model and class: precision and recall on the test set (from evaluate's predictions)."""
+    rows = []
+    for name, table in inputs.predictions.items():
+        scores = class_scores(*test_arrays(table, inputs.classes), inputs.classes)
+        rows += [
+            {"model": name, "class": c, "precision": scores["precision"][c],
+             "recall": scores["recall"][c]}
+            for c in inputs.classes
+        ]  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def write_plots(inputs: Inputs, settings: Settings, preview: Path, out: Path) -> list[Path]:
@@ -73,6 +96,21 @@ def write_plots(inputs: Inputs, settings: Settings, preview: Path, out: Path) ->
         f"{final} on {len(test)} test images: {100 * accuracy:.1f}% right",
         picture("confusion", final),
     )
+    scores = class_table(inputs)
+    scores.to_csv(out / "class_scores.csv", index=False, float_format="%.6g")
+    champion = scores[scores["model"] == final]
+    macro_f1 = class_scores(*test_arrays(test, inputs.classes), inputs.classes)["macro_f1"]
+    figures.class_scores(
+        champion, f"{final}: recall and precision per class (macro-F1 {macro_f1:.3f})",
+        picture("class_scores", final),
+    )  # fmt: skip
+    (out / "reliability").mkdir()
+    bins = {}
+    for name, table in inputs.predictions.items():
+        actual, predicted = test_arrays(table, inputs.classes)
+        bins[name] = reliability(table["confidence"].to_numpy(), actual == predicted)
+        bins[name].to_csv(out / "reliability" / f"{name}.csv", index=False, float_format="%.6g")
+    figures.reliability_diagram(bins, picture("reliability"))
     if preview.exists():
         shutil.copyfile(preview, picture("augmentation_preview"))
     return pictures

@@ -121,6 +121,8 @@ TITLES = {
     "learning_curves": "Learning curves",
     "pseudo_labels": "Pseudo-labels for {model}",
     "confusion": "Confusion matrix of {model}, the final model",
+    "class_scores": "Weak classes of {model}, the champion",
+    "reliability": "Calibration: reliability of every model",
     "augmentation_preview": "Augmentation preview",
 }
 
@@ -136,6 +138,13 @@ CAPTIONS = {
     "pool's truth is known, blue labels were right and red ones wrong.",
     "confusion": "The final model on the test set: counts per (true, predicted) class; colour is "
     "the share of the true class.",
+    "class_scores": "Recall (blue: share of a class's test images found) and precision (grey: "
+    "share of the images predicted as the class that were right), weakest class by recall first; "
+    "macro-F1 weighs every class the same. Every model's: reports/plots/class_scores.csv.",
+    "reliability": "Test images binned by the model's confidence (15 bins): the bin's accuracy "
+    "against its mean confidence. On the dotted line the confidence can be trusted; below it the "
+    "model is over-confident (what a pseudo-label threshold relies on). metrics.json's test_ece "
+    "sums the gaps, weighted by the bins' images.",
     "augmentation_preview": "Labeled images (left) beside draws of the teacher's and the "
     "student's augmentation: an augmented image must still show its class.",
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -209,11 +210,26 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def log_test_accuracy(cfg: MlflowSettings, run_id: str | None, value: float) -> None:
+def metric_key(name: str) -> str:
+    """A name MLflow accepts as a metric key (a class name may hold any character)."""
+    return re.sub(r"[^\w\-. /]", "_", name)
+
+
+def log_test_metrics(cfg: MlflowSettings, run_id: str | None, metrics: dict) -> None:
+    """A model's test scores on its training run: numbers as they are, per-class dicts as
+    ``<name>/<class>`` (MLflow's UI groups metrics by the part before the slash)."""
     if run_id is None:
         return
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat |= {metric_key(f"{key}/{c}"): float(v) for c, v in value.items()}
+        elif isinstance(value, int | float) and value is not None:
+            flat[metric_key(key)] = float(value)
     use_tracking_uri(tracking_uri(cfg))
+    batch = [mlflow.entities.Metric(k, v, _now_ms(), 0) for k, v in flat.items()]
     try:
-        mlflow.MlflowClient().log_metric(run_id, "test_accuracy", value)
+        for start in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics
+            mlflow.MlflowClient().log_batch(run_id, metrics=batch[start : start + 1000])
     except MlflowException as exc:
-        log.warning("could not log test_accuracy to MLflow run %s: %s", run_id, exc)
+        log.warning("could not log test metrics to MLflow run %s: %s", run_id, exc)

@@ -170,7 +170,7 @@ def test_flow_run_is_one_mlflow_parent_run(flow_demo):
         "report/plots",
     }
     pictures = client.list_artifacts(parent.info.run_id, "report/plots")
-    assert len(pictures) == len(list((project / "reports/plots/images").glob("*.png"))) == 6
+    assert len(pictures) == len(list((project / "reports/plots/images").glob("*.png"))) == 8
 
 
 @pytest.mark.slow

@@ -120,7 +120,7 @@ def test_report_registry_export_and_dvc_plots(repro_demo):
     assert metrics[best]["val_accuracy"] == max(m["val_accuracy"] for m in metrics.values())
     assert [m["version"] for m in registry["models"]] == [1, 2, 3]
     page = (project / "reports/report.html").read_text()
-    assert page.count('<img src="data:image/png;base64,') == 6
+    assert page.count('<img src="data:image/png;base64,') == 8
     assert f"Champion, chosen on validation: {best} " in page
     assert (project / "exports/final.onnx").stat().st_size > 0
 
@@ -136,10 +136,15 @@ def test_report_registry_export_and_dvc_plots(repro_demo):
         "reports/plots/learning_curves/teacher.csv",
         "reports/plots/confidence/student_2.csv",
         "reports/plots/kept_per_class/student_1.csv",
+        "reports/plots/reliability/teacher.csv",
         f"reports/plots/images/05_confusion-{best}.png",
-        "reports/plots/images/06_augmentation_preview.png",
+        f"reports/plots/images/06_class_scores-{best}.png",
+        "reports/plots/images/07_reliability.png",
+        "reports/plots/images/08_augmentation_preview.png",
     ):
         assert plot_id in plots, sorted(plots)
+    recall = plots["recall per class, per model (weak classes)"][0]["content"]["data"]["values"]
+    assert len(recall) == 10 * len(metrics)  # every class of every model
 
 
 def test_second_repro_skips_everything(repro_demo):

@@ -100,12 +100,14 @@ def test_report_page_holds_every_picture(reported):
         "02_learning_curves.png",
         "03_pseudo_labels-student_1.png",
         f"04_confusion-{registry['champion']}.png",  # the champion's
-        "05_augmentation_preview.png",
+        f"05_class_scores-{registry['champion']}.png",
+        "06_reliability.png",
+        "07_augmentation_preview.png",
     ]
     embedded = re.findall(r'<img src="data:image/png;base64,([^"]+)"', text)
     assert [base64.b64decode(e) for e in embedded] == [p.read_bytes() for p in pictures]
     assert all(p.read_bytes().startswith(PNG) for p in pictures)
-    assert (out / "plots/images/05_augmentation_preview.png").read_bytes() == (
+    assert (out / "plots/images/07_augmentation_preview.png").read_bytes() == (
         project / "artifacts/augment/preview.png"
     ).read_bytes()
     assert 'src="http' not in text and "<script" not in text  # nothing to fetch: self-contained
@@ -137,6 +139,19 @@ def test_report_data_matches_what_the_stages_wrote(reported):
     assert (
         dict(zip(per_class["class"], per_class["kept"], strict=True)) == (summary["kept_per_class"])
     )
+    # the weak classes and the calibration, from evaluate's predictions, agree with metrics.json
+    scores = pd.read_csv(out / "plots/class_scores.csv", dtype={"class": str})
+    for name, m in metrics.items():
+        mine = scores[scores["model"] == name]
+        assert dict(zip(mine["class"], mine["recall"], strict=True)) == pytest.approx(
+            m["test_recall"], abs=1e-5
+        )
+        bins = pd.read_csv(out / f"plots/reliability/{name}.csv")
+        assert bins["images"].sum() == tests
+        used = bins[bins["images"] > 0]
+        ece = (used["images"] / tests * (used["accuracy"] - used["confidence"]).abs()).sum()
+        assert ece == pytest.approx(m["test_ece"], abs=1e-4)  # confidences rounded in the CSV
+        assert 0.0 <= m["test_macro_f1"] <= 1.0
     curves = pd.read_csv(out / "plots/learning_curves/teacher.csv")
     history = pd.read_csv(project / "models/teacher/history.csv")
     assert curves["val_accuracy"].tolist() == history["val_accuracy"].tolist()
@@ -158,7 +173,7 @@ def test_report_under_dvc_repro_is_an_mlflow_run_of_its_own(reported):
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "report")}
     assert {"report/report.html", "report/plots"} <= artifacts
     pictures = mlflow.MlflowClient().list_artifacts(run.info.run_id, "report/plots")
-    assert len(pictures) == 5
+    assert len(pictures) == 7
     metrics = json.loads((project / "metrics.json").read_text())
     assert run.data.metrics["test_accuracy/student_1"] == pytest.approx(
         metrics["student_1"]["test_accuracy"]
@@ -186,7 +201,7 @@ def test_prefect_markdown_inlines_the_pictures(reported):
     project, _, _, out = reported
     markdown = prefect_markdown(elsewhere(project, out))
     inlined = re.findall(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown)
-    assert len(inlined) == 5
+    assert len(inlined) == 7
     assert all(base64.b64decode(data).startswith(PNG) for data in inlined)
     assert "| 1 | student_1 | test_resnet |" in markdown
 
