@@ -60,16 +60,26 @@ def artifact_location(uri: str) -> str | None:
     return str(Path(uri.removeprefix(prefix)).parent / "mlruns") if uri.startswith(prefix) else None
 
 
+# MLflow 3's UI opens an experiment on its GenAI overview (traces) unless the experiment says it
+# is model training: then it opens on the runs, where a loop's trainings are compared
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(cfg: MlflowSettings) -> str:
     uri = tracking_uri(cfg)
     use_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location(uri))
-    except MlflowException:  # another process created it first
-        return mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+    if experiment is None:
+        try:
+            return mlflow.create_experiment(
+                cfg.experiment, artifact_location=artifact_location(uri), tags=EXPERIMENT_KIND
+            )
+        except MlflowException:  # another process created it first
+            experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    if experiment.tags.get("mlflow.experimentKind") is None:  # made by an older version
+        for key, value in EXPERIMENT_KIND.items():
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -7,7 +7,13 @@ import os
 import mlflow
 
 from noisy_student.core.settings import MlflowSettings
-from noisy_student.tracking.runs import artifact_location, flatten, tracking_uri, use_tracking_uri
+from noisy_student.tracking.runs import (
+    artifact_location,
+    experiment_id,
+    flatten,
+    tracking_uri,
+    use_tracking_uri,
+)
 
 
 def mlflow_settings(uri: str) -> MlflowSettings:
@@ -43,3 +49,14 @@ def test_pointing_mlflow_at_a_store_leaves_the_environment_alone(tmp_path, monke
 def test_a_sqlite_store_keeps_its_artifacts_beside_it():
     assert artifact_location("sqlite:////srv/p/mlflow.db") == "/srv/p/mlruns"
     assert artifact_location("http://mlflow.internal:5000") is None
+
+
+def test_the_experiment_opens_on_its_training_runs_in_the_mlflow_ui(tmp_path):
+    cfg = mlflow_settings(f"sqlite:///{tmp_path}/m.db")
+    experiment = mlflow.MlflowClient(cfg.tracking_uri).get_experiment(experiment_id(cfg))
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    older = mlflow.MlflowClient(cfg.tracking_uri).create_experiment("older")  # no kind
+    cfg = cfg.model_copy(update={"experiment": "older"})
+    assert experiment_id(cfg) == older
+    kind = mlflow.MlflowClient(cfg.tracking_uri).get_experiment(older).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"
