@@ -30,7 +30,10 @@ def tracking_uri(cfg: MlflowSettings) -> str:
     prefix = "sqlite:///"
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri.removeprefix(prefix)).resolve())
+        # a DVC experiment run in a copy of the project (`dvc exp run --temp`, the queue) logs
+        # to the project's store, not to one inside the copy: DVC names the project in DVC_ROOT
+        project = Path(os.environ.get("DVC_ROOT") or ".")
+        return prefix + str((project / uri.removeprefix(prefix)).resolve())
     return uri
 
 
@@ -136,8 +139,14 @@ def training_run(
 
 
 def process_tags() -> dict[str, str]:
-    """Which process a run belongs to, so a run left RUNNING by a killed one can be found."""
-    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+    """Which process a run belongs to, so a run left RUNNING by a killed one can be found; and,
+    under `dvc exp run`, which DVC experiment and baseline commit (what `dvc exp show` lists)."""
+    tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
+    for key, variable in (("dvc_experiment", "DVC_EXP_NAME"),
+                          ("dvc_baseline_rev", "DVC_EXP_BASELINE_REV")):  # fmt: skip
+        if os.environ.get(variable):
+            tags[key] = os.environ[variable]
+    return tags
 
 
 def _resumable(run_id: str, experiment: str) -> bool:

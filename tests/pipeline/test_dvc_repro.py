@@ -20,12 +20,14 @@ from tests.helpers.project import (
     dvc_status,
     load_params,
     make_project,
+    mlflow_runs,
     quick,
     ran,
     registry_champion,
     run,
     shrink,
     stages_from,
+    training_runs,
     write_params,
 )
 
@@ -200,6 +202,10 @@ def test_threshold_change_reruns_only_downstream_stages_in_a_recipes_experiment(
     assert summary["threshold"] == 0.5
     counts = {n for n in summary["trained_per_class"].values() if n > 0}
     assert summary["balance"] is True and len(counts) == 1
+    # the experiment's trainings in the project's MLflow store, named after the experiment
+    runs = training_runs(mlflow_runs(project))
+    tagged = [r for r in runs if r.data.tags.get("dvc_experiment") == "class_balance"]
+    assert {r.data.tags.get("model_name") for r in tagged} == {"student_1", "student_2"}
 
 
 def outputs_bytes(project) -> dict[str, bytes]:

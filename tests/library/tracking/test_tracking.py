@@ -11,6 +11,7 @@ from noisy_student.tracking.runs import (
     artifact_location,
     experiment_id,
     flatten,
+    process_tags,
     tracking_uri,
     use_tracking_uri,
 )
@@ -60,3 +61,14 @@ def test_the_experiment_opens_on_its_training_runs_in_the_mlflow_ui(tmp_path):
     assert experiment_id(cfg) == older
     kind = mlflow.MlflowClient(cfg.tracking_uri).get_experiment(older).tags["mlflow.experimentKind"]
     assert kind == "custom_model_development"
+
+
+def test_a_dvc_experiment_in_a_copy_logs_to_the_projects_store(tmp_path, monkeypatch):
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpab12"  # where `dvc exp run --temp` runs
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # DVC sets it to the project's root
+    monkeypatch.setenv("DVC_EXP_NAME", "wide-lr")
+    assert tracking_uri(mlflow_settings("sqlite:///mlflow.db")) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert process_tags()["dvc_experiment"] == "wide-lr"
