@@ -74,14 +74,14 @@ def after_round(
             f"{name} promoted: promotion off (selection.margin null), every student teaches the "
             f"next round (validation accuracy {val_accuracy:.4f}, {gain:+.4f} vs {previous.best})"
         )
-        return Standing(
-            name, True, val_accuracy, True, name, val_accuracy, digest, 0, False, reason
-        )  # fmt: skip
-    if gain > rule.margin + 1e-9:  # accuracies are multiples of 1/N: no float noise decides
+    elif gain > rule.margin + 1e-9:  # accuracies are multiples of 1/N: no float noise decides
         reason = (
             f"{name} promoted: validation accuracy {val_accuracy:.4f} beats {previous.best}'s "
             f"{previous.best_val_accuracy:.4f} by {gain:+.4f} (margin {rule.margin})"
         )
+    else:
+        reason = ""
+    if reason:
         return Standing(
             name, True, val_accuracy, True, name, val_accuracy, digest, 0, False, reason
         )  # fmt: skip
