@@ -69,19 +69,16 @@ def after_round(
 ) -> Standing:
     """The standing once student ``name`` scored ``val_accuracy``, given the one before it."""
     gain = val_accuracy - previous.best_val_accuracy
-    if rule.margin is None:
+    # accuracies are multiples of 1/N: the epsilon keeps float noise from deciding
+    if rule.margin is None or gain > rule.margin + 1e-9:
         reason = (
             f"{name} promoted: promotion off (selection.margin null), every student teaches the "
             f"next round (validation accuracy {val_accuracy:.4f}, {gain:+.4f} vs {previous.best})"
+            if rule.margin is None
+            else f"{name} promoted: validation accuracy {val_accuracy:.4f} beats "
+            f"{previous.best}'s {previous.best_val_accuracy:.4f} by {gain:+.4f} "
+            f"(margin {rule.margin})"
         )
-    elif gain > rule.margin + 1e-9:  # accuracies are multiples of 1/N: no float noise decides
-        reason = (
-            f"{name} promoted: validation accuracy {val_accuracy:.4f} beats {previous.best}'s "
-            f"{previous.best_val_accuracy:.4f} by {gain:+.4f} (margin {rule.margin})"
-        )
-    else:
-        reason = ""
-    if reason:
         return Standing(
             name, True, val_accuracy, True, name, val_accuracy, digest, 0, False, reason
         )  # fmt: skip
