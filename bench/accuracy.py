@@ -566,8 +566,9 @@ def render(records: list[dict]) -> str:
     label = "fully supervised: the final student's recipe, every pool label"
     row(label, [pct(of(s, UPPER, "final")) for s in settings])
     claims("baseline", "params.yaml")
+    ran = {r["variant"] for r in records}
     for variant, (label, _) in VARIANTS.items():
-        if variant == "baseline":
+        if variant == "baseline" or variant not in ran:  # variants not run: no rows
             continue
         for r in range(1, rounds):
             cells = []
@@ -631,7 +632,8 @@ def pseudo_table(by_setting: dict, settings: list, models: dict) -> str:
     lines = [head + " | ".join(setting_name(*s) for s in settings) + " |"]
     lines.append("|---" * (len(settings) + 1) + "|")
     rounds = max(len(m) for m in models.values())
-    for variant in VARIANTS:
+    ran = {r["variant"] for rows in by_setting.values() for r in rows}
+    for variant in (v for v in VARIANTS if v in ran):
         for r in range(1, rounds):
             cells = []
             for s in settings:
