@@ -86,7 +86,10 @@ VARIANTS: dict[str, tuple[str, Path | dict[str, Any]]] = {
     ),
     "threshold_off": ("threshold off: every pool image kept", {"pseudo_label.threshold": 0.0}),
     "distillation": ("distillation on (configs/distillation.yaml)", CONFIGS / "distillation.yaml"),
-    "no_class_balance": ("class balancing off", {"pseudo_label.balance": False}),
+    "no_class_balance": (
+        "class balancing off (configs/no_class_balance.yaml)",
+        CONFIGS / "no_class_balance.yaml",
+    ),
     "no_promotion": (
         "promotion off: every student teaches the next round (selection.margin null)",
         {"selection.margin": None},

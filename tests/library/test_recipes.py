@@ -27,7 +27,7 @@ def test_there_is_a_recipe_per_technique_family():
     assert {
         "distillation",
         "soft_pseudo_labels",
-        "class_balance",
+        "no_class_balance",
         "ensemble_teacher",
         "mixing",
         "transfer_finetune",

@@ -184,9 +184,9 @@ def test_threshold_change_reruns_only_downstream_stages_in_a_recipes_experiment(
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["pseudo_label"]["threshold"] = 0.5
     write_params(project / "params.yaml", params)
-    recipe = [sys.executable, "-m", "noisy_student.recipes", "configs/class_balance.yaml"]
+    recipe = [sys.executable, "-m", "noisy_student.recipes", "configs/no_class_balance.yaml"]
     output = run(recipe, project)
-    assert "dvc exp run -n class_balance -S pseudo_label.balance=true" in output.stdout
+    assert "dvc exp run -n no_class_balance -S pseudo_label.balance=false" in output.stdout
     assert ran(output.stdout) == [SCAN, *stages_from("pseudo_label@0")]
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     experiments = {
@@ -195,16 +195,16 @@ def test_threshold_change_reruns_only_downstream_stages_in_a_recipes_experiment(
         for branch in entry.get("experiments") or []
         for exp in branch["revs"]
     }
-    params = experiments["class_balance"]["data"]["params"]["params.yaml"]["data"]
-    assert params["pseudo_label"]["balance"] is True
+    params = experiments["no_class_balance"]["data"]["params"]["params.yaml"]["data"]
+    assert params["pseudo_label"]["balance"] is False
     assert params["pseudo_label"]["threshold"] == 0.5
     summary = json.loads((project / "pseudo_labels/student_1.json").read_text())
     assert summary["threshold"] == 0.5
-    counts = {n for n in summary["trained_per_class"].values() if n > 0}
-    assert summary["balance"] is True and len(counts) == 1
+    # unbalanced: each pseudo-label kept once, whatever its class
+    assert summary["balance"] is False and summary["trained_images"] == summary["kept"]
     # the experiment's trainings in the project's MLflow store, named after the experiment
     runs = training_runs(mlflow_runs(project))
-    tagged = [r for r in runs if r.data.tags.get("dvc_experiment") == "class_balance"]
+    tagged = [r for r in runs if r.data.tags.get("dvc_experiment") == "no_class_balance"]
     assert {r.data.tags.get("model_name") for r in tagged} == {"student_1", "student_2"}
 
 
