@@ -1,4 +1,5 @@
-"""Prepared splits from the demo digits, the user's folders or a manifest -> resized RGB splits.
+"""Prepared splits from the demo digits or the user's images (folders, a manifest, a Hugging Face
+dataset) -> resized RGB splits on disk.
 
 Splits: labeled (few labels), val (monitoring only), test, unlabeled (the pool to pseudo-label).
 Every image is resized to ``data.image_size`` squared (aspect ratio not kept) and stored as uint8.
