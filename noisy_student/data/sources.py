@@ -95,42 +95,28 @@ def scan(settings: Settings, layout: Layout) -> dict:
         import sklearn
 
         manifest: dict = {"source": "digits", "scikit-learn": sklearn.__version__}
-    elif data.source == "manifest":
-        cache = DigestCache(layout.scan_cache)
-        table = read_manifest(Path(data.manifest))  # type: ignore[arg-type]
-        files = {
-            row.path: cache.digest(row.file)
-            for row in track(
-                table.rows.itertuples(), len(table.rows), "scan", "images", min_interval=5
-            )
-        }
-        manifest = {
-            "source": "manifest",
-            "manifest": {"path": data.manifest, "digest": file_digest(table.source)},
-            "files": files,
-        }
-        cache.save()
-    elif data.source == "hf_dataset":
-        cache = DigestCache(layout.scan_cache)
-        root = Path(data.hf_dataset)  # type: ignore[arg-type]
-        files = every_file(root, cache)
-        manifest = {"source": "hf_dataset", "hf_dataset": {"path": data.hf_dataset, "files": files}}
-        cache.save()
     else:
         cache = DigestCache(layout.scan_cache)
-        manifest = {"source": "folders"}
-        for key in FOLDER_KEYS:
-            folder = getattr(data, key)
-            if folder:
-                manifest[key] = {"path": folder, "files": folder_manifest(Path(folder), key, cache)}
+        manifest = {"source": data.source}
+        if data.source == "manifest":
+            table = read_manifest(Path(data.manifest))  # type: ignore[arg-type]
+            rows = track(table.rows.itertuples(), len(table.rows), "scan", "images", min_interval=5)
+            files = {row.path: cache.digest(row.file) for row in rows}
+            digest = file_digest(table.source)
+            manifest["manifest"] = {"path": data.manifest, "digest": digest, "files": files}
+        elif data.source == "hf_dataset":
+            files = every_file(Path(data.hf_dataset), cache)  # type: ignore[arg-type]
+            manifest["hf_dataset"] = {"path": data.hf_dataset, "files": files}
+        else:
+            for key in FOLDER_KEYS:
+                folder = getattr(data, key)
+                if folder:
+                    files = folder_manifest(Path(folder), key, cache)
+                    manifest[key] = {"path": folder, "files": files}
         cache.save()
     text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
     if not layout.sources.exists() or layout.sources.read_text() != text:
         write_text(layout.sources, text)
-    counts = {
-        k: len(v["files"]) for k, v in manifest.items() if isinstance(v, dict) and "files" in v
-    }
-    if manifest["source"] == "manifest":
-        counts = {"manifest": len(manifest["files"])}
+    counts = {k: len(v["files"]) for k, v in manifest.items() if isinstance(v, dict)}
     log.info("sources: %s", counts or manifest["source"])
     return manifest

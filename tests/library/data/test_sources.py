@@ -31,17 +31,18 @@ def test_a_changed_image_changes_its_entry_alone_whichever_source_names_it(tmp_p
         assert scanned == before[name]
     labeled = before["folders"]["labeled_dir"]["files"]
     assert (
-        before["manifest"]["files"]["labeled/class_1/labeled_1_1.png"]
+        before["manifest"]["manifest"]["files"]["labeled/class_1/labeled_1_1.png"]
         == labeled["class_1/labeled_1_1.png"]
     )
-    assert len(before["manifest"]["files"]) == 12 + 12 + 10
+    assert len(before["manifest"]["manifest"]["files"]) == 12 + 12 + 10
 
     image = root / "labeled" / "class_1" / "labeled_1_1.png"
     Image.new("L", (8, 8), 255).save(image)
     after = scan(Settings.model_validate(by_manifest), layout)
-    changed = {k for k, v in after["files"].items() if before["manifest"]["files"][k] != v}
+    old = before["manifest"]["manifest"]
+    changed = {k for k, v in after["manifest"]["files"].items() if old["files"][k] != v}
     assert changed == {"labeled/class_1/labeled_1_1.png"}
-    assert after["manifest"] == before["manifest"]["manifest"]  # the table itself unchanged
+    assert after["manifest"]["digest"] == old["digest"]  # the table itself unchanged
 
 
 def test_a_hugging_face_dataset_is_scanned_file_by_file(tmp_path, tiny_params):
