@@ -1,5 +1,6 @@
-"""The promotion rule: a student becomes the next teacher only if it beats the best model so far
-on validation by more than the margin; rounds that do not pay count towards the stop."""
+"""The promotion rule: a student becomes the next teacher only if its validation accuracy is at
+least the best model's so far plus the margin (a tie promotes at margin 0); rounds that do not pay
+count towards the stop."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def test_a_student_that_beats_the_best_by_more_than_the_margin_is_promoted():
     assert student.best_val_accuracy == 0.83 and student.rounds_without_gain == 0
 
 
-@pytest.mark.parametrize("val_accuracy", [0.70, 0.80, 0.81])
+@pytest.mark.parametrize("val_accuracy", [0.70, 0.80, 0.805])
 def test_a_student_that_does_not_pay_leaves_the_best_in_place(val_accuracy):
     teacher = promotion.first("teacher", 0.80, "t")
     student = promotion.after_round(teacher, "student_1", val_accuracy, "s1", rule(margin=0.01))
@@ -30,11 +31,19 @@ def test_a_student_that_does_not_pay_leaves_the_best_in_place(val_accuracy):
     assert student.rounds_without_gain == 1 and "learns from teacher" in student.reason
 
 
+@pytest.mark.parametrize("margin", [0.0, 0.01])
+def test_a_student_that_gains_exactly_the_margin_is_promoted_so_a_tie_promotes_at_zero(margin):
+    teacher = promotion.first("teacher", 0.80, "t")
+    val_accuracy = 0.80 + margin  # at 0: a tie
+    student = promotion.after_round(teacher, "student_1", val_accuracy, "s1", rule(margin))
+    assert student.promoted and student.best == "student_1" and student.rounds_without_gain == 0
+
+
 def test_the_loop_stops_after_patience_rounds_in_a_row_without_gain():
     standing = promotion.first("teacher", 0.80, "t")
     standing = promotion.after_round(standing, "student_1", 0.79, "s1", rule(patience=2))
     assert not standing.stopped
-    standing = promotion.after_round(standing, "student_2", 0.80, "s2", rule(patience=2))
+    standing = promotion.after_round(standing, "student_2", 0.78, "s2", rule(patience=2))
     assert standing.stopped and standing.best == "teacher" and "loop stops" in standing.reason
     skipped = promotion.skipped(standing, "student_3")
     assert not skipped.trained and skipped.val_accuracy is None and skipped.best == "teacher"
