@@ -215,6 +215,10 @@ class PseudoLabelSettings(Strict):
     per_class: PositiveInt | None  # balance target; None: the mean kept count per class
     batch_size: PositiveInt
     shards: PositiveInt  # pieces of the pool, labeled in parallel by the flow's Dask workers
+    # the out-of-class filter: pool images whose free energy is above that of this share of the
+    # validation images are held out as foreign (0.95: 95% of validation images would pass);
+    # None: off
+    ood_filter: Annotated[float, Field(gt=0.0, le=1.0)] | None
 
 
 class DistillSettings(Strict):

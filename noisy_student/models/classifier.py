@@ -166,6 +166,18 @@ class Classifier(torch.nn.Module):
         members = [torch.softmax(z.float() / temperature, dim=1) for z in self.member_logits(x)]
         return torch.stack(members).mean(0)
 
+    def probs_and_energy(
+        self, x: torch.Tensor, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``probs`` and each image's free energy, -logsumexp(logits), the members' mean (Liu et
+        al. 2020, "Energy-based out-of-distribution detection"): low on images like the training
+        classes, high on foreign ones. Energy rather than the top probability: softmax discards
+        the logits' scale, the very thing that tells an image of none of the classes apart."""
+        logits = [z.float() for z in self.member_logits(x)]
+        probs = torch.stack([torch.softmax(z / temperature, dim=1) for z in logits]).mean(0)
+        energy = torch.stack([-torch.logsumexp(z, dim=1) for z in logits]).mean(0)
+        return probs, energy
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.nets) == 1:
             return self.nets[0](self.norms[0](x))

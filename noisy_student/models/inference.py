@@ -42,7 +42,6 @@ def eval_loader(
     )
 
 
-@torch.inference_mode()
 def iter_probabilities(
     classifier: torch.nn.Module,
     loader: DataLoader,
@@ -50,18 +49,32 @@ def iter_probabilities(
     runtime: RuntimeSettings,
     temperature: float = 1.0,
 ) -> Iterator[torch.Tensor]:
-    """Softmax probabilities at ``temperature`` (float32, on the CPU) batch by batch, so a pool
-    of any size streams.
+    """Softmax probabilities at ``temperature`` (float32, on the CPU) batch by batch, as
+    ``iter_outputs`` gives them."""
+    for probs, _ in iter_outputs(classifier, loader, device, runtime, temperature):
+        yield probs
+
+
+@torch.inference_mode()
+def iter_outputs(
+    classifier: torch.nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    runtime: RuntimeSettings,
+    temperature: float = 1.0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Softmax probabilities at ``temperature`` and the free energy per image (float32, on the
+    CPU) batch by batch, so a pool of any size streams.
 
     ``classifier`` takes pixels 0..255 (models.classifier.Classifier); an ensemble's
-    probabilities are its members' average."""
+    probabilities and energies are its members' averages."""
     classifier.eval()
     memory_format = device_memory_format(device, runtime)
     for images in loader:
         x = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         with autocast(device, runtime):
-            probs = classifier.probs(x, temperature)
-        yield probs.cpu()
+            probs, energy = classifier.probs_and_energy(x, temperature)
+        yield probs.cpu(), energy.cpu()
 
 
 def accuracy(

@@ -1,7 +1,9 @@
 """Pseudo-labeling: the round's teacher labels the whole unlabeled pool (the pseudo_label stage).
 
 Writes ``pseudo_labels/<student>.csv``, one row per pool image: ``id``, ``pred`` (class index),
-``pred_class``, ``confidence``, ``kept`` (in the student's training set), ``copies`` (how many
+``pred_class``, ``confidence``, ``energy`` (the teacher's free energy: high on images unlike the
+labeled classes), ``foreign`` (only with ``pseudo_label.ood_filter``: held out as of none of the
+classes, pseudo_labels/foreign.py), ``kept`` (in the student's training set), ``copies`` (how many
 times: more than 1 where class balancing duplicates a rare class) and ``p_<class>``, the teacher's
 full probability vector (an ensemble's average); plus ``pseudo_labels/<student>.json``, a summary
 with the counts per class and, when the pool's truth is known (the demo), the accuracy of the kept
@@ -11,9 +13,10 @@ The round's teacher is the best model so far on validation (models/promotion.py)
 teacher, or an earlier model when that one was not promoted. Once the loop has stopped, a round
 writes an empty table and a summary that says why, at once.
 
-Selection, as in the original Noisy Student: rows below ``pseudo_label.threshold`` are dropped;
-with ``balance`` every class then contributes ``per_class`` training images: the most confident
-ones where a class has more, each kept image repeated where it has fewer.
+Selection, as in the original Noisy Student: rows below ``pseudo_label.threshold`` are dropped
+(and, with the out-of-class filter, the rows it flags); with ``balance`` every class then
+contributes ``per_class`` training images: the most confident ones where a class has more, each
+kept image repeated where it has fewer.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from noisy_student.core.settings import Settings
 from noisy_student.data.splits import load_classes, load_split
 from noisy_student.models import promotion
 from noisy_student.models.classifier import load_checkpoint, resolve_device
-from noisy_student.models.inference import eval_loader, iter_probabilities, probability_table
+from noisy_student.models.inference import eval_loader, iter_outputs, probability_table
+from noisy_student.pseudo_labels.foreign import energy_cut, foreign_rows, validation_energy
 from noisy_student.pseudo_labels.selection import select, summarize
 from noisy_student.pseudo_labels.table import CHUNK_ROWS, append_csv, write_with_copies
 
@@ -45,10 +49,18 @@ log = logging.getLogger(__name__)
 
 
 def label_rows(
-    probs: torch.Tensor, ids: list[str], classes: list[str], threshold: float
+    probs: torch.Tensor,
+    ids: list[str],
+    classes: list[str],
+    threshold: float,
+    energy: torch.Tensor | None = None,
 ) -> pd.DataFrame:
     table = probability_table(probs, ids, classes, "pred_class", index_column="pred")
-    table.insert(table.columns.get_loc("confidence") + 1, "kept", table["confidence"] >= threshold)
+    after = table.columns.get_loc("confidence") + 1
+    if energy is not None:
+        table.insert(after, "energy", energy.numpy())
+        after += 1
+    table.insert(after, "kept", table["confidence"] >= threshold)
     return table
 
 
@@ -80,7 +92,7 @@ def skip_if_stopped(settings: Settings, student: str, layout: Layout) -> dict | 
         return None
     summary = {"stopped": True, "teacher": None, "reason": before.reason}
     log.info("%s: no pseudo-labels, the loop has stopped: %s", student, before.reason)
-    columns = ["id", "pred", "pred_class", "confidence", "kept", "copies"]
+    columns = ["id", "pred", "pred_class", "confidence", "energy", "kept", "copies"]
     with atomic_path(layout.pseudo_table(student)) as tmp:
         pd.DataFrame(columns=columns).to_csv(tmp, index=False)
     with atomic_path(layout.pseudo_summary(student)) as tmp:
@@ -136,10 +148,11 @@ def label_shard(
         Progress(end - start, f"pseudo-label ({teacher})", "images", min_interval=5) as bar,
     ):
         done = start
-        for i, probs in enumerate(iter_probabilities(classifier, loader, device, settings.runtime)):
-            table = label_rows(
-                probs, pool.ids[done : done + len(probs)], card.classes, cfg.threshold
-            )
+        for i, (probs, energy) in enumerate(
+            iter_outputs(classifier, loader, device, settings.runtime)
+        ):
+            ids = pool.ids[done : done + len(probs)]
+            table = label_rows(probs, ids, card.classes, cfg.threshold, energy)
             append_csv(table, tmp, header=i == 0)  # streamed: the pool may not fit in memory
             done += len(probs)
             bar.update(len(probs))
@@ -152,8 +165,9 @@ def merge_shards(
     files: list[Path],
     layout: Layout,
 ) -> dict:
-    """The shards' rows, in order, as one table with the selection (threshold, balancing) made
-    over the whole pool; then the summary. Only the small columns are held in memory."""
+    """The shards' rows, in order, as one table with the selection (out-of-class filter,
+    threshold, balancing) made over the whole pool; then the summary. Only the small columns
+    are held in memory."""
     cfg = settings.pseudo_label
     pool = load_split("unlabeled", layout.prepared)
     classes = load_classes(layout.prepared)
@@ -161,7 +175,9 @@ def merge_shards(
         [
             chunk
             for path in files
-            for chunk in pd.read_csv(path, usecols=["pred", "confidence"], chunksize=CHUNK_ROWS)
+            for chunk in pd.read_csv(
+                path, usecols=["pred", "confidence", "energy"], chunksize=CHUNK_ROWS
+            )
         ],
         ignore_index=True,
     )
@@ -169,18 +185,32 @@ def merge_shards(
         raise PipelineError(
             f"{files[0].parent}: the shards hold {len(table)} rows, the pool {len(pool)}"
         )
-    if not (table["confidence"] >= cfg.threshold).any():
+    teacher = promotion.round_teacher(settings, layout, student)
+    foreign, cut = None, None
+    if cfg.ood_filter is not None:
+        cut = energy_cut(validation_energy(settings, teacher, layout), cfg.ood_filter)
+        foreign = foreign_rows(table["energy"].to_numpy(), cut)
+        table["foreign"] = foreign
+        log.info("out-of-class filter: %d of %d pool images above the energy cut %.3f (%s of "
+                 "validation)", foreign.sum(), len(table), cut, cfg.ood_filter)  # fmt: skip
+    passed = table["confidence"].to_numpy() >= cfg.threshold
+    if not (passed if foreign is None else passed & ~foreign).any():
         raise PipelineError(
             f"pseudo_label.threshold={cfg.threshold} keeps none of {len(pool)} pool images "
-            f"(highest confidence {table['confidence'].max():.3f}); lower the threshold"
+            f"(highest confidence {table['confidence'].max():.3f}"
+            + ("" if foreign is None else f", {int(foreign.sum())} held out as foreign")
+            + "); lower the threshold"
+            + ("" if foreign is None else " or raise pseudo_label.ood_filter")
         )
     table["copies"] = select(
-        table["pred"].to_numpy(), table["confidence"].to_numpy(), cfg, len(classes)
+        table["pred"].to_numpy(), table["confidence"].to_numpy(), cfg, len(classes), foreign
     )
     with atomic_path(layout.pseudo_table(student)) as tmp:
-        write_with_copies(files, tmp, table["copies"].to_numpy())
-    summary = {"teacher": promotion.round_teacher(settings, layout, student)}
+        write_with_copies(files, tmp, table["copies"].to_numpy(), foreign)
+    summary = {"teacher": teacher}
     summary |= summarize(table, pool, classes, cfg)
+    if cut is not None:
+        summary["energy_cut"] = cut
     with atomic_path(layout.pseudo_summary(student)) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     accuracy = summary.get("kept_accuracy")

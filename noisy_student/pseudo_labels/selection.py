@@ -32,9 +32,18 @@ def balance_copies(
     return copies
 
 
-def select(pred: np.ndarray, confidence: np.ndarray, cfg: PseudoLabelSettings, num_classes: int):
-    """Copies per row: 0/1 by the threshold, then balanced if ``cfg.balance``."""
+def select(
+    pred: np.ndarray,
+    confidence: np.ndarray,
+    cfg: PseudoLabelSettings,
+    num_classes: int,
+    foreign: np.ndarray | None = None,
+) -> np.ndarray:
+    """Copies per row: 0/1 by the threshold (``foreign`` rows, the out-of-class filter's, never
+    pass), then balanced if ``cfg.balance``."""
     passed = confidence >= cfg.threshold
+    if foreign is not None:
+        passed &= ~foreign
     if not cfg.balance:
         return passed.astype(np.int64)
     per_class = cfg.per_class or max(1, round(int(passed.sum()) / num_classes))
@@ -44,7 +53,8 @@ def select(pred: np.ndarray, confidence: np.ndarray, cfg: PseudoLabelSettings, n
 def summarize(
     table: pd.DataFrame, pool: Split, classes: list[str], cfg: PseudoLabelSettings
 ) -> dict:
-    """``table`` needs the columns ``pred``, ``confidence`` and ``copies``."""
+    """``table`` needs the columns ``pred``, ``confidence`` and ``copies`` (and ``foreign``, the
+    out-of-class filter's flag, when it ran)."""
     copies = table["copies"].to_numpy()
     kept = copies > 0
     pred = table["pred"].to_numpy()
@@ -62,6 +72,11 @@ def summarize(
         "kept_per_class": {c: int(n) for c, n in zip(classes, counts, strict=True)},
         "trained_per_class": {c: int(n) for c, n in zip(classes, trained, strict=True)},
     }
+    if "foreign" in table:
+        foreign = table["foreign"].to_numpy(bool)
+        summary["ood_filter"] = cfg.ood_filter
+        summary["foreign"] = int(foreign.sum())  # flagged, whatever their confidence
+        summary["foreign_above_threshold"] = int((foreign & passed).sum())  # what it held out
     if (pool.true_labels != UNKNOWN).all():
         correct = pred == pool.true_labels
         summary["pool_accuracy"] = float(correct.mean())

@@ -16,9 +16,12 @@ from noisy_student.data.splits import Split
 CHUNK_ROWS = 50_000  # rows per pass when the table is rewritten with its `copies` column
 
 
-def write_with_copies(row_files: list[Path], out: Path, copies: np.ndarray) -> None:
-    """Write the rows with ``kept``/``copies`` set from the selection, chunk by chunk (balancing
-    needs every row's confidence first; the table itself may not fit in memory)."""
+def write_with_copies(
+    row_files: list[Path], out: Path, copies: np.ndarray, foreign: np.ndarray | None = None
+) -> None:
+    """Write the rows with ``kept``/``copies`` set from the selection (and ``foreign``, the
+    out-of-class filter's flag, where it ran), chunk by chunk (balancing needs every row's
+    confidence first; the table itself may not fit in memory)."""
     start = 0
     header = True
     text = {"id": str, "pred_class": str}  # a class named "007" stays "007"
@@ -26,6 +29,9 @@ def write_with_copies(row_files: list[Path], out: Path, copies: np.ndarray) -> N
         for chunk in pd.read_csv(path, dtype=text, chunksize=CHUNK_ROWS):
             part = copies[start : start + len(chunk)]
             chunk["kept"] = part > 0
+            if foreign is not None:
+                flags = foreign[start : start + len(chunk)]
+                chunk.insert(chunk.columns.get_loc("kept"), "foreign", flags)
             chunk.insert(chunk.columns.get_loc("kept") + 1, "copies", part)
             append_csv(chunk, out, header=header)
             start += len(chunk)

@@ -108,6 +108,19 @@ def test_ensemble_averages_member_probabilities():
         torch.testing.assert_close(torch.softmax(ensemble(images), 1), averaged)
 
 
+def test_energy_is_minus_logsumexp_of_the_logits_averaged_over_members():
+    nets = [tiny_net(0).eval(), tiny_net(1).eval()]
+    norm = ([[0.5] * 3], [[0.25] * 3])
+    ensemble = Classifier(nets, norm[0] * 2, norm[1] * 2).eval()
+    images = torch.rand(5, 3, 16, 16) * 255
+    with torch.no_grad():
+        logits = [Classifier([n], *norm)(images) for n in nets]
+        by_hand = [-torch.log(torch.exp(z.double()).sum(1)).float() for z in logits]
+        probs, energy = ensemble.probs_and_energy(images, 3.0)
+        torch.testing.assert_close(energy, (by_hand[0] + by_hand[1]) / 2)
+        assert torch.equal(probs, ensemble.probs(images, 3.0))  # the same numbers, to the bit
+
+
 def test_clean_and_online_teachers_agree_when_nothing_is_noised():
     """Without augmentation or mixing the student's view is the clean image, so the teacher's
     outputs computed once ahead must train the student exactly like the teacher run per batch."""

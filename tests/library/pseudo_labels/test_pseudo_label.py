@@ -56,6 +56,7 @@ def settings(threshold: float, balance: bool = False, per_class: int | None = No
         per_class=per_class,
         batch_size=8,
         shards=1,
+        ood_filter=None,
     )
 
 
@@ -161,3 +162,43 @@ def test_shards_are_whole_batches_covering_the_pool_once():
         assert start % 32 == 0 and (end - start) % 32 == 0
     with pytest.raises(PipelineError, match="pool is empty"):
         shard_bounds(0, 4, 2)
+
+
+def test_energy_sits_beside_the_confidence_and_the_filter_flag_beside_it(tmp_path):
+    energy = torch.tensor([-9.0, -2.0, -8.0, -1.0])
+    table = label_rows(PROBS, [f"img_{i}" for i in range(4)], CLASSES, 0.8, energy)
+    assert list(table.columns[:6]) == ["id", "pred", "pred_class", "confidence", "energy", "kept"]
+    rows = tmp_path / "rows.csv"
+    append_csv(table, rows, header=True)
+    out = tmp_path / "student_1.csv"
+    write_with_copies([rows], out, np.array([1, 0, 1, 0]), np.array([False, True, False, True]))
+    written = pd.read_csv(out)
+    assert list(written.columns[4:8]) == ["energy", "foreign", "kept", "copies"]
+    assert written["foreign"].tolist() == [False, True, False, True]
+    assert (written["energy"].to_numpy(np.float32) == energy.numpy()).all()
+
+
+def test_foreign_rows_never_pass_whatever_their_confidence_and_the_summary_counts_them():
+    table, cfg = selected(0.8)
+    foreign = np.array([False, False, True, True])  # a confident dog and fox flagged
+    table["copies"] = select(table["pred"].to_numpy(), table["confidence"].to_numpy(), cfg, 3,
+                             foreign)  # fmt: skip
+    assert table["copies"].tolist() == [1, 0, 0, 0]
+    table["foreign"] = foreign
+    summary = summarize(table, pool([0, 0, 1, 0]), CLASSES, cfg)
+    assert summary["foreign"] == 2 and summary["foreign_above_threshold"] == 2
+    assert summary["kept"] == 1 and summary["ood_filter"] is None  # cfg's: off in this helper
+    balanced = select(table["pred"].to_numpy(), table["confidence"].to_numpy(),
+                      settings(0.8, balance=True), 3, foreign)  # fmt: skip
+    assert balanced[foreign].sum() == 0  # balancing repeats none of them either
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.95, 1.0])
+def test_the_energy_cut_passes_at_least_the_share_of_validation_asked(keep):
+    from noisy_student.pseudo_labels.foreign import energy_cut, foreign_rows
+
+    val = np.random.default_rng(0).normal(size=179).astype(np.float32)
+    cut = energy_cut(val, keep)
+    passing = (~foreign_rows(val, cut)).mean()
+    assert keep <= passing < keep + 1 / 179 + 1e-9
+    assert cut in val  # one of the validation energies: no interpolation between them
