@@ -94,6 +94,10 @@ VARIANTS: dict[str, tuple[str, Path | dict[str, Any]]] = {
         "promotion off: every student teaches the next round (selection.margin null)",
         {"selection.margin": None},
     ),
+    "ood_filter": (
+        "out-of-class filter on (pseudo_label.ood_filter 0.95)",
+        {"pseudo_label.ood_filter": 0.95},
+    ),
 }
 # a no_promotion run trains exactly what the baseline trained as long as the baseline promoted
 # every round (same seeds, same steps; the loop is byte-reproducible: tests/pipeline), so it is
@@ -288,12 +292,17 @@ class Runner:
             f.write(json.dumps(row) + "\n")
         self.done[cell.key(variant)] = row
 
-    def cell(self, cell: Cell, variants: list[str], upper: bool) -> None:
+    def cell_folder(self, cell: Cell) -> Path:
+        """Where the cell's dataset, teacher and runs live (``runs/<variant>``)."""
         base = self.settings(cell.overrides)
-        folder = self.work / (
+        return self.work / (
             f"{Path(cell.dataset.split(':')[-1]).name}-lpc{cell.labels_per_class}-seed{cell.seed}"
             f"-{digest(base.model_dump())[:8]}"
         )
+
+    def cell(self, cell: Cell, variants: list[str], upper: bool) -> None:
+        base = self.settings(cell.overrides)
+        folder = self.cell_folder(cell)
         layout = cell_layout(folder)
         teacher_dir = layout.model("teacher")
         todo = [v for v in variants if cell.key(v) not in self.done]

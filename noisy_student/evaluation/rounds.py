@@ -29,6 +29,7 @@ COLUMNS = [
     "kept_fraction",
     "kept_accuracy",
     "kept_per_class",
+    "held_out_foreign",
 ]
 
 
@@ -55,6 +56,7 @@ def rounds_table(settings: Settings, layout: Layout, metrics: dict) -> pd.DataFr
             "kept_fraction": math.nan,
             "kept_accuracy": math.nan,
             "kept_per_class": None,
+            "held_out_foreign": math.nan,
         }
         summary_file = layout.pseudo_summary(name)
         if round_ > 0 and summary_file.exists():
@@ -66,6 +68,8 @@ def rounds_table(settings: Settings, layout: Layout, metrics: dict) -> pd.DataFr
                 kept_fraction=summary["kept_fraction"],
                 kept_accuracy=math.nan if accuracy is None else accuracy,
                 kept_per_class=summary["kept_per_class"],
+                # confident enough, but held out by the out-of-class filter (NaN: filter off)
+                held_out_foreign=summary.get("foreign_above_threshold", math.nan),
             )
         rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -82,6 +86,8 @@ def comparison_markdown(rounds: pd.DataFrame, final: promotion.Standing) -> str:
     ]
     for r in rounds.to_dict("records"):
         kept = "-" if math.isnan(r["kept"]) else f"{int(r['kept'])}/{int(r['pool_images'])}"
+        if not math.isnan(r["held_out_foreign"]):
+            kept += f" ({int(r['held_out_foreign'])} held out as foreign)"
         correct = "-" if math.isnan(r["kept_accuracy"]) else f"{100 * r['kept_accuracy']:.1f}%"
         delta = "" if r["round"] == 0 else f"{100 * (r['test_accuracy'] - teacher_acc):+.1f} pts"
         promoted = "" if r["round"] == 0 else ("yes" if r["promoted"] else "no")

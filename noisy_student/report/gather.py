@@ -27,7 +27,8 @@ class Inputs:
 
     rounds: pd.DataFrame  # one row per model, loop order (also reports/plots/rounds.csv)
     histories: dict[str, pd.DataFrame]  # per trained network (an ensemble: per member)
-    pseudo: dict[str, pd.DataFrame]  # per student: pred, confidence, kept, correct (NaN: unknown)
+    # per student: pred, confidence, energy, kept, correct (NaN: unknown), foreign (if filtered)
+    pseudo: dict[str, pd.DataFrame]
     summaries: dict[str, dict]  # per student: pseudo_labels/<student>.json
     predictions: dict[str, pd.DataFrame]  # per model: the test predictions evaluate wrote
     classes: list[str]
@@ -153,7 +154,7 @@ def gather(settings: Settings, layout: Layout) -> Inputs:
         table = _read_csv(
             pseudo_dir / f"{student}.csv",
             "pseudo_label",
-            usecols=["id", "pred", "confidence", "kept"],
+            usecols=lambda c: c in ("id", "pred", "confidence", "energy", "foreign", "kept"),
             dtype={"id": str},
         )
         if table["id"].tolist() != index["id"].tolist():

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench import accuracy, compare, scale, speed
+from bench import accuracy, compare, foreign, scale, speed
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.settings import load_settings
 from noisy_student.data.splits import UNKNOWN, Split
@@ -230,3 +230,38 @@ def test_compare_runs_both_revisions_and_checks_their_tables(bench_params, tmp_p
     assert result["tables_match"]
     assert len(result["measured"]["before"]["fit"]) == 1
     assert "speed-up" in (tmp_path / "compare_cpu.md").read_text()
+
+
+def test_foreign_images_are_no_two_alike_and_make_the_share_of_the_pool_asked(tmp_path):
+    images = foreign.foreign_images(300, seed=0)
+    assert len({i.tobytes() for i in images}) == 300 and images[0].shape == (8, 8)
+    settings = load_settings(overrides={"seed": 1})
+    root = foreign.write_dataset(tmp_path / "data", settings, fraction=0.2)
+    pool = root / "unlabeled"
+    digits = [p for p in pool.rglob("*.png") if p.parent.name != foreign.FOREIGN]
+    photos = list((pool / foreign.FOREIGN).glob("*.png"))
+    assert len(photos) / (len(photos) + len(digits)) == pytest.approx(0.2, abs=0.001)
+    assert {p.name for p in (root / "labeled").iterdir()} == {str(c) for c in range(10)}
+    assert len(list((root / "labeled").rglob("*.png"))) == 10 * settings.data.labels_per_class
+
+
+def test_foreign_benchmark_counts_what_each_round_did_with_the_foreign_images(
+    bench_params, tmp_path
+):
+    out = tmp_path / "out"
+    text = foreign.run(params_file=bench_params, fractions=[0.5], seeds=[0],
+                       work=tmp_path / "work", out_dir=out)  # fmt: skip
+    counts = {r["variant"]: r for r in accuracy.read_records(out / "foreign_pseudo.jsonl")}
+    assert set(counts) == {"baseline", "ood_filter"}
+    for variant, row in counts.items():
+        for n in row["rounds"].values():
+            assert n["foreign_images"] == n["pool_images"] - n["foreign_images"]  # half of it
+            assert n["kept_right"] <= n["kept"] - n["foreign_trained"]
+            if variant == "baseline":
+                assert n["foreign_flagged"] == n["digits_flagged"] == 0
+            else:
+                assert n["foreign_trained"] <= n["foreign_images"] - n["foreign_flagged"]
+    assert "| 50% | 0 | on (0.95) | student_1 |" in text and "| 50% | 0 | off | student_1 |" in text
+    foreign.run(params_file=bench_params, fractions=[0.5], seeds=[0],
+                work=tmp_path / "work", out_dir=out)  # fmt: skip  # all recorded: nothing runs
+    assert len(accuracy.read_records(out / "foreign_pseudo.jsonl")) == 2

@@ -73,6 +73,31 @@ def test_round_picture_without_the_pool_truth(tmp_path):
         assert image.format == "PNG" and image.size[0] > 800
 
 
+def test_round_picture_with_the_out_of_class_filter_and_its_line_in_the_comparison(tmp_path):
+    from noisy_student.evaluation.rounds import COLUMNS, comparison_markdown
+    from noisy_student.models import promotion
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"pred": rng.integers(0, 3, 200), "confidence": rng.uniform(0.3, 1, 200),
+                          "energy": rng.normal(-5, 2, 200), "correct": np.nan})  # fmt: skip
+    table["foreign"] = table["energy"] > -2.0
+    table["kept"] = (table["confidence"] >= 0.7) & ~table["foreign"]
+    path = tmp_path / "round.png"
+    figures.pseudo_label_round(
+        "student_1", "teacher", table, ["cat", "dog", "fox"], 0.7, None, path, energy_cut=-2.0
+    )
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 1200  # the third panel: energy
+    row = dict.fromkeys(COLUMNS, np.nan)
+    row |= {"model": "teacher", "round": 0, "architecture": "r", "val_accuracy": 0.8,
+            "test_accuracy": 0.8}  # fmt: skip
+    student = row | {"model": "student_1", "round": 1, "taught_by": "teacher", "promoted": True,
+                     "kept": 90, "pool_images": 200, "held_out_foreign": 7}  # fmt: skip
+    final = promotion.first("teacher", 0.8, "t")
+    text = comparison_markdown(pd.DataFrame([row, student], columns=COLUMNS), final)
+    assert "| 90/200 (7 held out as foreign) |" in text
+
+
 def elsewhere(project, out) -> Layout:
     """The project's layout with the report's outputs moved under ``out``."""
     return Layout.at(project).replace(plots=out / "plots", report=out / "report.html")
