@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench import accuracy, compare, foreign, scale, speed
+from bench import accuracy, active, compare, foreign, scale, speed
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.settings import load_settings
 from noisy_student.data.splits import UNKNOWN, Split
@@ -265,3 +265,23 @@ def test_foreign_benchmark_counts_what_each_round_did_with_the_foreign_images(
     foreign.run(params_file=bench_params, fractions=[0.5], seeds=[0],
                 work=tmp_path / "work", out_dir=out)  # fmt: skip  # all recorded: nothing runs
     assert len(accuracy.read_records(out / "foreign_pseudo.jsonl")) == 2
+
+
+def test_active_benchmark_moves_the_picks_into_the_labeled_folders_and_retrains(
+    bench_params, tmp_path
+):
+    out, work = tmp_path / "out", tmp_path / "work"
+    text = active.run(params_file=bench_params, counts=[4], seeds=[0], work=work, out_dir=out)
+    rows = {r["strategy"]: r for r in accuracy.read_records(out / "active.jsonl")}
+    assert set(rows) == {"none", "random", "least_confident", "margin"}
+    for strategy in ("random", "least_confident", "margin"):
+        root = work / "data" / f"digits-seed0-{strategy}-4"
+        labeled = {p.relative_to(root / "labeled").as_posix() for p in root.glob("labeled/*/*")}
+        assert set(rows[strategy]["picked"]) <= labeled and len(labeled) == 30 + 4
+        assert not any((root / "unlabeled" / i).exists() for i in rows[strategy]["picked"])
+    runs = next((work / "runs").iterdir())
+    picked = pd.read_csv(runs / "picks-least_confident-4" / "picked.csv", dtype={"id": str})
+    assert picked["id"].tolist() == rows["least_confident"]["picked"]  # to_label's own picks
+    assert "| 4 | least_confident |" in text and "| 0 | - |" in text
+    active.run(params_file=bench_params, counts=[4], seeds=[0], work=work, out_dir=out)
+    assert len(accuracy.read_records(out / "active.jsonl")) == 4  # all recorded: nothing reruns
