@@ -60,10 +60,12 @@ def test_pseudo_label_table(repro_demo):
         "pred",
         "pred_class",
         "confidence",
+        "energy",
         "kept",
         "copies",
         *prob_cols,
     ]
+    assert table["energy"].notna().all()  # the filter is off by default: no `foreign` column
     assert ((table["copies"] > 0) == table["kept"]).all()  # a kept row trains at least once
     assert table["id"].tolist() == pool["id"].tolist()
     np.testing.assert_allclose(table[prob_cols].sum(axis=1), 1.0, atol=1e-4)
