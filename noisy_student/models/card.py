@@ -33,6 +33,9 @@ class ModelCard:
     image_size: int
     mlflow_run_id: str | None  # the model's run (an ensemble's members have runs of their own)
     members: list[Member] = field(default_factory=list)
+    # the run its loop's trainings nest under: the flow's, or under `dvc repro` the loop's own,
+    # opened by the teacher and handed down card to card (None: a card from before it)
+    loop_run_id: str | None = None
 
     @property
     def model(self) -> str:

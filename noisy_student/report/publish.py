@@ -10,6 +10,8 @@ from mlflow.exceptions import MlflowException
 
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import Settings
+from noisy_student.models.card import load_card
+from noisy_student.models.promotion import final_standing
 from noisy_student.report.plots import IMAGES
 from noisy_student.tracking import runs as tracking
 
@@ -31,7 +33,9 @@ def log_to_mlflow(
     parent: tracking.ParentRun | None,
 ) -> str | None:
     """The report in MLflow: in the flow's parent run, or in a run of its own (``report``, tagged
-    ``stage=report``, with each model's test accuracy) under plain ``dvc repro``."""
+    ``stage=report``, with each model's test accuracy) under plain ``dvc repro``, nested in the
+    loop's run (the champion's card names it), which gets the champion and how the loop ended as
+    tags, as a flow's parent run does."""
     cfg = settings.mlflow
     try:
         if parent is not None:
@@ -39,6 +43,11 @@ def log_to_mlflow(
             return parent.run_id
         client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
         tags = {"stage": "report", "champion": champion, **tracking.process_tags()}
+        loop = load_card(layout.model(champion)).loop_run_id
+        if loop is not None:
+            tags["mlflow.parentRunId"] = loop
+            client.set_tag(loop, "champion", champion)
+            client.set_tag(loop, "loop_end", final_standing(settings, layout).reason)
         run_id = client.create_run(
             tracking.experiment_id(cfg), run_name="report", tags=tags
         ).info.run_id

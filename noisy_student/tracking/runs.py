@@ -201,6 +201,23 @@ def start_parent_run(
     return ParentRun(run.info.run_id, tags)
 
 
+LOOP_RUN = "loop"  # name and stage tag of the run grouping a loop's trainings under `dvc repro`
+
+
+def loop_run(cfg: MlflowSettings, run_id: str | None, params: dict[str, Any]) -> ParentRun:
+    """Under `dvc repro`, where no orchestrator opens a run: the loop's own, so that MLflow's UI
+    groups a loop's trainings as it groups a flow run's. ``run_id``: the loop's run as the
+    teacher's card (or an interrupted teacher's checkpoint) has it; opened anew when None or
+    gone. It ends at once: each stage is a process of its own and no stage is the loop's last,
+    and a run left RUNNING would be marked FAILED as a killed process's."""
+    use_tracking_uri(tracking_uri(cfg))
+    if run_id is not None and _resumable(run_id, experiment_id(cfg)):
+        return ParentRun(run_id)
+    parent = start_parent_run(cfg, LOOP_RUN, {"stage": LOOP_RUN}, params)
+    mlflow.MlflowClient(tracking_uri(cfg)).set_terminated(parent.run_id, "FINISHED")
+    return parent
+
+
 def end_parent_run(
     cfg: MlflowSettings,
     parent: ParentRun,

@@ -30,7 +30,7 @@ from noisy_student.core.settings import ModelTraining, RuntimeSettings, Settings
 from noisy_student.data.splits import Split, load_classes, load_split
 from noisy_student.losses.distill import Distillation, FrozenTeacher, precompute
 from noisy_student.models import promotion
-from noisy_student.models.card import Member, ModelCard
+from noisy_student.models.card import Member, ModelCard, load_card
 from noisy_student.models.classifier import (
     Classifier,
     create_model,
@@ -233,6 +233,9 @@ def train_logged(
     """Rank 0: every member trained under its MLflow run, then the model logged and saved."""
     resumed = job.checkpoints.run_ids()  # the MLflow runs of an interrupted attempt carry on
     tracking.fail_orphaned_runs(settings.mlflow, keep=set(resumed.values()))
+    if parent is None:  # `dvc repro`: the loop's own run, the teacher's or handed down
+        parent = loop_parent(settings, job, layout, resumed.get(tracking.LOOP_RUN))
+        job.checkpoints.remember_run(tracking.LOOP_RUN, parent.run_id)
     here = distributed.world()
     nets, members, history, rows = [], [], [], []
     with tracking.training_run(
@@ -271,6 +274,7 @@ def train_logged(
             image_size=settings.data.image_size,
             mlflow_run_id=run.info.run_id,
             members=members,
+            loop_run_id=parent.run_id,
         )
         log_model(nets, card)
         curves = pd.DataFrame(rows).to_csv(index=False)
@@ -283,6 +287,18 @@ def train_logged(
             finish=functools.partial(write_standing, settings, job, layout, val_accuracy),
         )
     return history
+
+
+def loop_parent(
+    settings: Settings, job: Job, layout: Layout, resumed: str | None
+) -> tracking.ParentRun:
+    """The run a training nests under when no orchestrator gave one: the teacher opens the
+    loop's (or carries on an interrupted attempt's); a student takes its declared teacher's."""
+    if job.name == "teacher":
+        run_id = resumed
+    else:
+        run_id = load_card(layout.model(settings.student(job.name).teacher)).loop_run_id
+    return tracking.loop_run(settings.mlflow, run_id, settings.model_dump(mode="json"))
 
 
 def validation_accuracy(

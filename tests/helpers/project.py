@@ -168,8 +168,9 @@ def mlflow_runs(project: Path) -> list:
 
 
 def training_runs(runs: list) -> list:
-    """MLflow runs of trainings only: under `dvc repro` the report stage logs a run of its own."""
-    return [r for r in runs if r.data.tags.get("stage") != "report"]
+    """MLflow runs of trainings only: under `dvc repro` the report stage logs a run of its own,
+    and the loop has a run of its own that its trainings nest under."""
+    return [r for r in runs if r.data.tags.get("stage") not in ("report", "loop")]
 
 
 def loop_results(project: Path) -> dict[str, bytes]:

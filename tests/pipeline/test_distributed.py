@@ -71,7 +71,8 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
 
     # rank 0 alone wrote the model and logged to MLflow: one run, its metrics once per epoch
     mlflow.set_tracking_uri(f"sqlite:///{double}/mlflow.db")
-    (teacher,) = mlflow.search_runs(experiment_names=["noisy-student"], output_format="list")
+    runs = mlflow.search_runs(experiment_names=["noisy-student"], output_format="list")
+    (teacher,) = training_runs(runs)
     assert teacher.info.status == "FINISHED" and teacher.data.params["runtime.devices"] == "2"
     history = mlflow.MlflowClient().get_metric_history(teacher.info.run_id, "train_loss")
     assert [m.step for m in history] == [1, 2, 3]

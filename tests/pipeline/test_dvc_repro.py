@@ -87,9 +87,17 @@ def test_every_training_is_an_mlflow_run(repro_demo):
     project, _ = repro_demo
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["noisy-student"], output_format="list")
-    by_name = {r.info.run_name: r for r in runs if r.data.tags.get("stage") != "report"}
+    by_name = {r.info.run_name: r for r in training_runs(runs)}
     assert sorted(by_name) == ["student_1", "student_2", "teacher"]
-    assert [r.info.run_name for r in runs if r.data.tags.get("stage") == "report"] == ["report"]
+    (report,) = [r for r in runs if r.data.tags.get("stage") == "report"]
+    # each stage is a process of its own, yet one run groups the loop, as a flow run does: the
+    # teacher opened it, each student found it through its teacher's card, the report tagged it
+    (loop,) = [r for r in runs if r.data.tags.get("stage") == "loop"]
+    for r in [*by_name.values(), report]:
+        assert r.data.tags["mlflow.parentRunId"] == loop.info.run_id
+    champion = json.loads((project / "reports/registry.json").read_text())["champion"]
+    assert loop.data.tags["champion"] == champion and loop.data.tags["loop_end"]
+    assert loop.info.status == "FINISHED" and loop.data.params["seed"] == "0"
     metrics = json.loads((project / "metrics.json").read_text())
     client = mlflow.MlflowClient()
     params = quick(load_params())

@@ -39,7 +39,7 @@ def killed(tmp_path_factory) -> Path:
 def test_killed_training_resumes_and_ends_as_if_never_killed(killed, repro_demo, tmp_path):
     whole = repro_demo[0]  # the same params, never interrupted
     killed = copy_project(killed, tmp_path / "killed")
-    (interrupted,) = mlflow_runs(killed)
+    (interrupted,) = training_runs(mlflow_runs(killed))
     assert interrupted.info.status == "RUNNING"  # a SIGKILL cannot be caught...
 
     output = run(["dvc", "repro", "evaluate"], killed)  # the loop up to the test accuracies
@@ -63,6 +63,8 @@ def test_killed_training_resumes_and_ends_as_if_never_killed(killed, repro_demo,
     teacher = by_name["teacher"]
     assert teacher.info.run_id == interrupted.info.run_id
     assert teacher.info.status == "FINISHED"
+    (loop,) = [r for r in mlflow_runs(killed) if r.data.tags.get("stage") == "loop"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in by_name.values()} == {loop.info.run_id}
     steps = [
         m.step
         for m in mlflow.MlflowClient().get_metric_history(teacher.info.run_id, "val_accuracy")
@@ -74,7 +76,7 @@ def test_a_killed_run_without_its_checkpoint_is_marked_failed(killed, tmp_path):
     project = copy_project(killed, tmp_path / "p")
     shutil.rmtree(project / "checkpoints")  # lost with the machine, say
     run(["dvc", "repro", "train_teacher"], project)
-    statuses = sorted(r.info.status for r in mlflow_runs(project))
+    statuses = sorted(r.info.status for r in training_runs(mlflow_runs(project)))
     assert statuses == ["FAILED", "FINISHED"]
 
 
@@ -85,5 +87,6 @@ def test_checkpoints_of_other_settings_are_not_resumed(killed, tmp_path):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     output = run(["dvc", "repro", "train_teacher"], project)
     assert "resumed" not in output.stderr and "starting afresh" in output.stderr
-    assert sorted(r.info.status for r in mlflow_runs(project)) == ["FAILED", "FINISHED"]
+    statuses = sorted(r.info.status for r in training_runs(mlflow_runs(project)))
+    assert statuses == ["FAILED", "FINISHED"]
     assert os.listdir(project / "models/teacher")
