@@ -23,7 +23,7 @@ $(STAMP): requirements.lock
 demo: $(STAMP)  ## run the whole Noisy Student pipeline on the built-in digits demo
 	dvc repro
 	@echo; cat reports/comparison.md; echo
-	@echo "Runs: make ui, then open http://127.0.0.1:5000 (experiment noisy-student)"
+	@echo "Runs: make ui, then open $$(python -m noisy_student.tracking.runs)"
 
 test: $(STAMP)  ## the whole test suite, end-to-end runs included
 	python -m pytest -q --durations=15

@@ -235,11 +235,33 @@ def end_parent_run(
     client.set_terminated(parent.run_id, "FAILED" if failed else "FINISHED")
 
 
+# MLflow 3.17's UI takes its mode from the link, else from the browser's memory, else GenAI: a
+# first visit opened the GenAI overview whatever the experiment's kind tag said (seen in headless
+# Chromium, docs/mlflow_screenshots.py), so every link the pipeline prints names the mode
+UI_MODE = "workflowType=machine_learning"
+
+
 def run_url(cfg: MlflowSettings, run_id: str) -> str:
-    """The run's page in the MLflow UI at ``mlflow.ui_url``."""
+    """The run's page in the MLflow UI at ``mlflow.ui_url``, in its model-training mode."""
     client = mlflow.MlflowClient(tracking_uri(cfg))
     experiment = client.get_run(run_id).info.experiment_id
-    return f"{ui_url(cfg).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return f"{ui_url(cfg).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}?{UI_MODE}"
+
+
+def experiment_url(cfg: MlflowSettings) -> str:
+    """The experiment's runs in the MLflow UI at ``mlflow.ui_url``, in its model-training mode."""
+    return f"{ui_url(cfg).rstrip('/')}/#/experiments/{experiment_id(cfg)}/runs?{UI_MODE}"
+
+
+def main() -> None:
+    """Print the experiment's link (`make demo` shows it)."""
+    from noisy_student.core.settings import load_settings
+
+    print(experiment_url(load_settings().mlflow))
+
+
+if __name__ == "__main__":
+    main()
 
 
 def _now_ms() -> int:

@@ -10,6 +10,7 @@ from noisy_student.core.settings import MlflowSettings
 from noisy_student.tracking.runs import (
     artifact_location,
     experiment_id,
+    experiment_url,
     flatten,
     process_tags,
     tracking_uri,
@@ -61,6 +62,10 @@ def test_the_experiment_opens_on_its_training_runs_in_the_mlflow_ui(tmp_path):
     assert experiment_id(cfg) == older
     kind = mlflow.MlflowClient(cfg.tracking_uri).get_experiment(older).tags["mlflow.experimentKind"]
     assert kind == "custom_model_development"
+    # the tag alone did not do it in a real browser: MLflow 3.17 takes its mode from the link
+    assert experiment_url(cfg) == (
+        f"http://127.0.0.1:5000/#/experiments/{older}/runs?workflowType=machine_learning"
+    )
 
 
 def test_a_dvc_experiment_in_a_copy_logs_to_the_projects_store(tmp_path, monkeypatch):
