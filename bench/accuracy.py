@@ -47,7 +47,6 @@ import json
 import logging
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,6 +57,7 @@ import pandas as pd
 import torch
 import yaml
 
+from bench.cli import run_cli
 from flows.stages import Step, plan
 from noisy_student.core.atomic import atomic_path, write_text
 from noisy_student.core.errors import PipelineError
@@ -761,25 +761,21 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--report-only", action="store_true", help="rebuild the tables, run nothing")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    try:
-        if args.report_only:
-            text = write_report(args.out / "accuracy.jsonl", args.out)
-        else:
-            text = run(
-                params_file=Path(args.params),
-                labels_per_class=args.labels_per_class,
-                seeds=args.seeds,
-                variants=args.variants,
-                folders=args.folders,
-                user_overrides=parse_set(args.set),
-                work=args.work,
-                out_dir=args.out,
-                upper=not args.no_upper_bound,
-            )
-    except PipelineError as exc:
-        sys.exit(f"error: {exc}")
-    print(text)
+    run_cli(
+        args.report_only,
+        lambda: write_report(args.out / "accuracy.jsonl", args.out),
+        lambda: run(
+            params_file=Path(args.params),
+            labels_per_class=args.labels_per_class,
+            seeds=args.seeds,
+            variants=args.variants,
+            folders=args.folders,
+            user_overrides=parse_set(args.set),
+            work=args.work,
+            out_dir=args.out,
+            upper=not args.no_upper_bound,
+        ),
+    )
 
 
 if __name__ == "__main__":

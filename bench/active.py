@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.accuracy import cell_layout, cell_overrides, digest, loop_steps, read_records
+from bench.cli import run_cli
 from bench.foreign import write_dataset
 from noisy_student.core.atomic import write_text
-from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import PARAMS_FILE, Settings, load_settings
 from noisy_student.data.splits import load_split
@@ -193,18 +193,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--report-only", action="store_true", help="rebuild the tables, run nothing")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    try:
-        if any(c < 1 for c in args.count):
-            raise PipelineError(f"--count {args.count}: each must be at least 1")
-        if args.report_only:
-            text = write_report(args.out)
-        else:
-            text = run(params_file=Path(args.params), counts=args.count, seeds=args.seeds,
-                       work=args.work, out_dir=args.out)  # fmt: skip
-    except PipelineError as exc:
-        sys.exit(f"error: {exc}")
-    print(text)
+    if any(c < 1 for c in args.count):
+        sys.exit(f"error: --count {args.count}: each must be at least 1")
+    run_cli(args.report_only, lambda: write_report(args.out),
+            lambda: run(params_file=Path(args.params), counts=args.count, seeds=args.seeds,
+                        work=args.work, out_dir=args.out))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ import pandas as pd
 from PIL import Image
 
 from bench.accuracy import Cell, Runner, cell_overrides, read_records, run_layout
+from bench.cli import run_cli
 from noisy_student.core.atomic import write_text
-from noisy_student.core.errors import PipelineError
 from noisy_student.core.settings import PARAMS_FILE, Settings, load_settings
 from noisy_student.data.prepare import split_digits
 
@@ -223,18 +223,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--report-only", action="store_true", help="rebuild the table, run nothing")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    try:
-        if any(not 0 <= f < 1 for f in args.fractions):
-            raise PipelineError(f"--fractions {args.fractions}: each must be in [0, 1)")
-        if args.report_only:
-            text = write_report(args.out)
-        else:
-            text = run(params_file=Path(args.params), fractions=args.fractions, seeds=args.seeds,
-                       work=args.work, out_dir=args.out)  # fmt: skip
-    except PipelineError as exc:
-        sys.exit(f"error: {exc}")
-    print(text)
+    if any(not 0 <= f < 1 for f in args.fractions):
+        sys.exit(f"error: --fractions {args.fractions}: each must be in [0, 1)")
+    run_cli(args.report_only, lambda: write_report(args.out),
+            lambda: run(params_file=Path(args.params), fractions=args.fractions,
+                        seeds=args.seeds, work=args.work, out_dir=args.out))  # fmt: skip
 
 
 if __name__ == "__main__":
