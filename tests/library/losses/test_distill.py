@@ -96,11 +96,16 @@ def test_only_the_student_receives_gradients():
     assert not teacher.classifier.training
 
 
-def test_ensemble_averages_member_probabilities():
+def two_net_ensemble() -> tuple[list[torch.nn.Module], tuple, Classifier, torch.Tensor]:
+    """Two tiny nets, their normalisation, their ensemble and a batch of pixels 0..255."""
     nets = [tiny_net(0).eval(), tiny_net(1).eval()]
     norm = ([[0.5] * 3], [[0.25] * 3])
     ensemble = Classifier(nets, norm[0] * 2, norm[1] * 2).eval()
-    images = torch.rand(5, 3, 16, 16) * 255
+    return nets, norm, ensemble, torch.rand(5, 3, 16, 16) * 255
+
+
+def test_ensemble_averages_member_probabilities():
+    nets, norm, ensemble, images = two_net_ensemble()
     with torch.no_grad():
         members = [torch.softmax(Classifier([n], *norm)(images) / 3.0, 1) for n in nets]
         torch.testing.assert_close(ensemble.probs(images, 3.0), (members[0] + members[1]) / 2)
@@ -109,10 +114,7 @@ def test_ensemble_averages_member_probabilities():
 
 
 def test_energy_is_minus_logsumexp_of_the_logits_averaged_over_members():
-    nets = [tiny_net(0).eval(), tiny_net(1).eval()]
-    norm = ([[0.5] * 3], [[0.25] * 3])
-    ensemble = Classifier(nets, norm[0] * 2, norm[1] * 2).eval()
-    images = torch.rand(5, 3, 16, 16) * 255
+    nets, norm, ensemble, images = two_net_ensemble()
     with torch.no_grad():
         logits = [Classifier([n], *norm)(images) for n in nets]
         by_hand = [-torch.log(torch.exp(z.double()).sum(1)).float() for z in logits]
