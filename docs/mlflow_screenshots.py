@@ -1,8 +1,8 @@
 """Screenshots of MLflow's UI as a user sees it after `make demo`, taken in a real headless
 browser (Debian's Chromium), for the README.
 
-    python docs/mlflow_screenshots.py                  # the project here: ./mlflow.db
-    python docs/mlflow_screenshots.py --project path --out docs/images
+    python -m docs.mlflow_screenshots                  # the project here: ./mlflow.db
+    python -m docs.mlflow_screenshots --project path --out docs/images
 
 Starts `mlflow ui` on the project's store (as `make ui` does, on a free port), then opens, in
 headless Chromium: the experiment (it must open on the training runs, not on MLflow 3's GenAI
