@@ -64,3 +64,16 @@ def test_the_check_catches_a_missing_dep():
     missing = uncovered(closure(ROOT, ROOT / "tasks" / "train_teacher.py"), deps)
     assert "noisy_student/training/resume.py" in missing
     assert "noisy_student/training/distributed.py" in missing
+
+
+def test_the_pseudo_label_stage_declares_every_selection_key():
+    """A key of `pseudo_label` that changes which rows a student learns from must be a param
+    of the stage, else `dvc repro` calls a changed table up to date. Those it may leave out:
+    what the student stage reads (labels, temperature) and what cannot change the table
+    (shards: the same table either way, tested byte for byte)."""
+    from noisy_student.core.settings import PseudoLabelSettings
+
+    declared = set(stages()["pseudo_label"]["params"])
+    not_read_here = {"labels", "temperature", "shards"}
+    missing = {f"pseudo_label.{key}" for key in PseudoLabelSettings.model_fields} - declared
+    assert missing == {f"pseudo_label.{key}" for key in not_read_here}
