@@ -42,7 +42,7 @@ from bench.accuracy import Cell, Runner, cell_overrides, read_records, run_layou
 from bench.cli import run_cli
 from noisy_student.core.atomic import write_text
 from noisy_student.core.settings import PARAMS_FILE, Settings, load_settings
-from noisy_student.data.prepare import split_digits
+from noisy_student.data.prepare import digit_pixels, split_digits
 
 log = logging.getLogger("bench.foreign")
 
@@ -82,7 +82,7 @@ def write_dataset(root: Path, settings: Settings, fraction: float) -> Path:
     if (root / "done").exists():
         return root
     digits = load_digits()
-    pixels = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    pixels = digit_pixels(digits.images)  # as the `digits` source makes them
     for split, idx in split_digits(digits.target, settings.data, settings.seed).items():
         folder = "unlabeled" if split == "unlabeled" else split
         for i in idx:

@@ -77,12 +77,17 @@ def split_digits(labels: np.ndarray, data: DataSettings, seed: int) -> dict[str,
     return {name: np.sort(np.array(idx, dtype=np.int64)) for name, idx in splits.items()}
 
 
+def digit_pixels(images: np.ndarray) -> np.ndarray:
+    """scikit-learn's digits (0..16) as 8-bit grey pixels."""
+    return np.clip(images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+
+
 def prepare_digits(data: DataSettings, seed: int, out: Path) -> list[str]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     # 0..16 intensities -> 0..255
-    pixels = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    pixels = digit_pixels(digits.images)
     classes = [str(c) for c in digits.target_names]
     for name, idx in split_digits(digits.target, data, seed).items():
         truth = digits.target[idx]

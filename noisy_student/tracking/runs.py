@@ -245,23 +245,16 @@ def run_url(cfg: MlflowSettings, run_id: str) -> str:
     """The run's page in the MLflow UI at ``mlflow.ui_url``, in its model-training mode."""
     client = mlflow.MlflowClient(tracking_uri(cfg))
     experiment = client.get_run(run_id).info.experiment_id
-    return f"{ui_url(cfg).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}?{UI_MODE}"
+    return _ui_page(cfg, f"experiments/{experiment}/runs/{run_id}")
 
 
 def experiment_url(cfg: MlflowSettings) -> str:
     """The experiment's runs in the MLflow UI at ``mlflow.ui_url``, in its model-training mode."""
-    return f"{ui_url(cfg).rstrip('/')}/#/experiments/{experiment_id(cfg)}/runs?{UI_MODE}"
+    return _ui_page(cfg, f"experiments/{experiment_id(cfg)}/runs")
 
 
-def main() -> None:
-    """Print the experiment's link (`make demo` shows it)."""
-    from noisy_student.core.settings import load_settings
-
-    print(experiment_url(load_settings().mlflow))
-
-
-if __name__ == "__main__":
-    main()
+def _ui_page(cfg: MlflowSettings, route: str) -> str:
+    return f"{ui_url(cfg).rstrip('/')}/#/{route}?{UI_MODE}"
 
 
 def _now_ms() -> int:
@@ -291,3 +284,14 @@ def log_test_metrics(cfg: MlflowSettings, run_id: str | None, metrics: dict) -> 
             mlflow.MlflowClient().log_batch(run_id, metrics=batch[start : start + 1000])
     except MlflowException as exc:
         log.warning("could not log test metrics to MLflow run %s: %s", run_id, exc)
+
+
+def main() -> None:
+    """Print the experiment's link (`make demo` shows it)."""
+    from noisy_student.core.settings import load_settings
+
+    print(experiment_url(load_settings().mlflow))
+
+
+if __name__ == "__main__":
+    main()
