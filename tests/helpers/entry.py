@@ -6,7 +6,8 @@ each model name); in this process they are loaded already. The module runs as ``
 interpreter would give, printing a message the way the interpreter does. The root logger starts
 without handlers, as in a fresh interpreter, so an entry point's ``logging.basicConfig`` writes to
 stderr as it would there. What the entry point changes in the process (the SIGTERM handler, the
-root logger) is put back afterwards.
+root logger) is put back afterwards. The process is not ended after the entry point returns
+(``cli.SKIP_TEARDOWN`` is off while it runs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import sys
 import warnings
 from unittest import mock
 
+from noisy_student.core import cli
+
 
 def run_main(module: str, args: list[str]) -> int:
     """The exit status of ``python -m module *args``; its output goes to this process's
@@ -27,7 +30,11 @@ def run_main(module: str, args: list[str]) -> int:
     handlers, level = list(root.handlers), root.level
     root.handlers[:] = []  # pytest's capturing handlers: basicConfig would do nothing beside them
     try:
-        with mock.patch.object(sys, "argv", [module, *args]), warnings.catch_warnings():
+        with (
+            mock.patch.object(sys, "argv", [module, *args]),
+            mock.patch.object(cli, "SKIP_TEARDOWN", False),
+            warnings.catch_warnings(),
+        ):
             # the test imported the module already: runpy runs a fresh copy as __main__ and warns
             warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
             runpy.run_module(module, run_name="__main__", alter_sys=True)
