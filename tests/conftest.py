@@ -48,6 +48,10 @@ sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"]
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # runs go to each test's own project store
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: each keeps to its own
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

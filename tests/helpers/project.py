@@ -63,6 +63,9 @@ def shrink(params: dict[str, Any]) -> dict[str, Any]:
         student.update(model="test_resnet", epochs=6, batch_size=32, warmup_epochs=0, lr=0.005)
         student.update(drop_path_rate=0.0)
     p["flow"].update(retries=0, retry_delay_seconds=0)  # a failing test fails at once
+    # one core per training: the suite runs one pytest worker per core (make test: pytest -n auto),
+    # and tiny models gain nothing from a second thread
+    p["runtime"]["cpu_threads"] = 1
     return p
 
 
