@@ -2,11 +2,16 @@
 
     python -m noisy_student.recipes configs/distillation.yaml         # dvc exp run -n ... -S ...
     python -m noisy_student.recipes configs/distillation.yaml --print # that command, not run
+    python -m noisy_student.recipes configs/distillation.yaml --temp  # in a copy of the project
+    python -m noisy_student.recipes configs/distillation.yaml --queue # queued: dvc queue start
     python -m noisy_student.recipes configs/distillation.yaml --json  # the changes as JSON:
         prefect deployment run 'self-training/demo' --param overrides="$(...)"
 
 A recipe holds only what it changes, e.g. ``distill.enabled: true``; the changes are checked
 against params.yaml like the file itself (an unknown key or a wrong value stops before any work).
+With ``--temp`` or ``--queue`` the experiment runs in a copy of the project (the workspace's
+outputs stay as they are; ``dvc exp apply <name>`` brings its results in); its trainings still
+log to the project's MLflow store (tracking/runs.py).
 """
 
 from __future__ import annotations
@@ -52,9 +57,10 @@ def load_recipe(path: Path, params_file: Path = PARAMS_FILE) -> dict[str, Any]:
     return changes
 
 
-def dvc_command(path: Path, changes: dict[str, Any]) -> list[str]:
-    """``dvc exp run -n <recipe> -S key=value ...``; values in the YAML/JSON form DVC parses."""
-    command = ["dvc", "exp", "run", "-n", Path(path).stem]
+def dvc_command(path: Path, changes: dict[str, Any], where: list[str] | None = None) -> list[str]:
+    """``dvc exp run [--temp | --queue] -n <recipe> -S key=value ...``; values in the YAML/JSON
+    form DVC parses."""
+    command = ["dvc", "exp", "run", *(where or []), "-n", Path(path).stem]
     for key, value in changes.items():
         command += ["-S", f"{key}={json.dumps(value)}"]
     return command
@@ -67,6 +73,9 @@ def main() -> None:
     show = p.add_mutually_exclusive_group()
     show.add_argument("--print", action="store_true", help="print the dvc command, do not run it")
     show.add_argument("--json", action="store_true", help="print the changes as one JSON object")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--temp", action="store_true", help="run it in a copy of the project")
+    where.add_argument("--queue", action="store_true", help="queue it (dvc queue start runs it)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -76,7 +85,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(changes))
         return
-    command = dvc_command(Path(args.recipe), changes)
+    flags = ["--temp"] * args.temp + ["--queue"] * args.queue
+    command = dvc_command(Path(args.recipe), changes, flags)
     print(shlex.join(command), flush=True)
     if not args.print:
         sys.exit(subprocess.call(command))

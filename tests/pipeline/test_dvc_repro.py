@@ -187,20 +187,25 @@ def test_same_params_and_data_give_the_same_pseudo_labels(repro_demo, tmp_path):
     assert a == b
 
 
-def test_threshold_change_reruns_only_downstream_stages_in_a_recipes_experiment(
+def test_threshold_change_reruns_only_downstream_stages_in_a_recipes_temp_experiment(
     repro_demo, tmp_path
 ):
     """On a copy (the shared project stays as the other tests expect): a new threshold in
-    params.yaml, then a recipe of configs/ as a DVC experiment (`dvc exp run -S ...`) on top:
-    only the stages from the first pseudo-labels on run again, with both values."""
+    params.yaml, then a recipe of configs/ as a DVC experiment run in a temporary copy of the
+    project (`dvc exp run --temp -S ...`) on top: only the stages from the first pseudo-labels on
+    run again, with both values; the workspace keeps its outputs until `dvc exp apply`; the
+    trainings land in the project's MLflow store, none in a store inside the copy."""
     project = copy_project(repro_demo[0], tmp_path / "copy")
+    before = (project / "pseudo_labels/student_1.json").read_text()
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["pseudo_label"]["threshold"] = 0.5
     write_params(project / "params.yaml", params)
     recipe = [sys.executable, "-m", "noisy_student.recipes", "configs/no_class_balance.yaml"]
-    output = run(recipe, project)
-    assert "dvc exp run -n no_class_balance -S pseudo_label.balance=false" in output.stdout
+    output = run([*recipe, "--temp"], project)
+    assert "dvc exp run --temp -n no_class_balance -S pseudo_label.balance=false" in output.stdout
     assert ran(output.stdout) == [SCAN, *stages_from("pseudo_label@0")]
+    assert (project / "pseudo_labels/student_1.json").read_text() == before
+    assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     experiments = {
         exp["name"]: exp
@@ -211,14 +216,25 @@ def test_threshold_change_reruns_only_downstream_stages_in_a_recipes_experiment(
     params = experiments["no_class_balance"]["data"]["params"]["params.yaml"]["data"]
     assert params["pseudo_label"]["balance"] is False
     assert params["pseudo_label"]["threshold"] == 0.5
+    run(["dvc", "exp", "apply", "no_class_balance"], project)
     summary = json.loads((project / "pseudo_labels/student_1.json").read_text())
     assert summary["threshold"] == 0.5
     # unbalanced: each pseudo-label kept once, whatever its class
     assert summary["balance"] is False and summary["trained_images"] == summary["kept"]
-    # the experiment's trainings in the project's MLflow store, named after the experiment
+    # the experiment's trainings in the project's MLflow store, named after the experiment, with
+    # the test accuracies `dvc exp show` lists for it
     runs = training_runs(mlflow_runs(project))
-    tagged = [r for r in runs if r.data.tags.get("dvc_experiment") == "no_class_balance"]
-    assert {r.data.tags.get("model_name") for r in tagged} == {"student_1", "student_2"}
+    tagged = {
+        r.data.tags["model_name"]: r
+        for r in runs
+        if r.data.tags.get("dvc_experiment") == "no_class_balance"
+    }
+    assert set(tagged) == {"student_1", "student_2"}
+    metrics = experiments["no_class_balance"]["data"]["metrics"]["metrics.json"]["data"]
+    for name, tracked in tagged.items():
+        assert tracked.data.metrics["test_accuracy"] == pytest.approx(
+            metrics[name]["test_accuracy"]
+        )
 
 
 def outputs_bytes(project) -> dict[str, bytes]:
