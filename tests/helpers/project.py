@@ -113,6 +113,8 @@ def make_project(dest: Path, params: dict[str, Any]) -> Path:
         ["git", "commit", "-qm", "pipeline"],
     ):
         subprocess.run(cmd, cwd=dest, env=env, check=True)
+        if cmd[0] == "dvc":  # the product's DVC settings (cache link types), as a clone has them
+            shutil.copy(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
     return dest
 
 

@@ -48,6 +48,10 @@ def test_repro_runs_every_stage_in_order(repro_demo):
         == metrics["student_2"]["test_accuracy"]
     )
     assert "| student_2 |" in (project / "reports" / "comparison.md").read_text()
+    # the outputs are hard links into DVC's cache (.dvc/config), not second copies: files and
+    # directories' files alike
+    for output in ("models/teacher/model.safetensors", "data/prepared/unlabeled/images.npy"):
+        assert (project / output).stat().st_nlink == 2, output
 
 
 def test_pseudo_label_table(repro_demo):
