@@ -87,6 +87,9 @@ class DataSettings(Strict):
     hf_dataset: str | None  # a DatasetDict saved with save_to_disk, or an imagefolder (data/hf.py)
     hf_splits: HfSplits
     decode_workers: PositiveInt | None  # threads decoding the user's images; None: every core
+    storage: Literal["arrays", "encoded"]  # decoded pixels (images.npy) or encoded shards
+    shard_images: PositiveInt  # encoded: images per shard file
+    max_side: Annotated[int, Field(ge=8)] | None  # encoded: re-encode above this side; None: never
 
     @model_validator(mode="after")
     def _folders_need_dirs(self) -> DataSettings:

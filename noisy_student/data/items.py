@@ -8,10 +8,14 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from noisy_student.data.images import read_image
+from noisy_student.data.shards import shrink_encoded
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -28,17 +32,32 @@ class Item:
         source = self.file if isinstance(self.file, Path) else self.file()
         return read_image(source, size, name=self.origin)
 
+    def encoded(self, max_side: int | None) -> bytes:
+        """The image's own bytes (checked to decode), re-encoded only above ``max_side``."""
+        source = self.file if isinstance(self.file, Path) else self.file()
+        data = source.read_bytes() if isinstance(source, Path) else source
+        return shrink_encoded(data, max_side, self.origin or str(source))
+
 
 def decoded(items: Sequence[Item], size: int, workers: int) -> Iterator[np.ndarray]:
     """Every item's image, in order, on ``workers`` threads (Pillow and OpenCV release the GIL
     while they decode and resize); a bounded window keeps memory flat for any pool."""
+    return in_order(items, lambda item: item.decode(size), workers)
+
+
+def encoded(items: Sequence[Item], max_side: int | None, workers: int) -> Iterator[bytes]:
+    """Every item's encoded bytes, checked (decoded once) on ``workers`` threads, in order."""
+    return in_order(items, lambda item: item.encoded(max_side), workers)
+
+
+def in_order(items: Sequence[Item], work: Callable[[Item], T], workers: int) -> Iterator[T]:
     if workers <= 1:
-        yield from (i.decode(size) for i in items)
+        yield from (work(i) for i in items)
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
         window: deque[Future] = deque()
         for item in items:
-            window.append(pool.submit(item.decode, size))
+            window.append(pool.submit(work, item))
             if len(window) >= 4 * workers:
                 yield window.popleft().result()
         while window:

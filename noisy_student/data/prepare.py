@@ -2,7 +2,9 @@
 dataset) -> resized RGB splits on disk.
 
 Splits: labeled (few labels), val (monitoring only), test, unlabeled (the pool to pseudo-label).
-Every image is resized to ``data.image_size`` squared (aspect ratio not kept) and stored as uint8.
+``data.storage``: ``arrays`` stores every image resized to ``data.image_size`` squared (aspect
+ratio not kept) as uint8 pixels; ``encoded`` stores each image's own bytes in shards
+(data/shards.py) and resizes it the same way when it is read.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from noisy_student.core.progress import track
 from noisy_student.core.settings import DataSettings, Settings
 from noisy_student.data.hf import hf_items
 from noisy_student.data.images import list_images, resize_rgb
-from noisy_student.data.items import Item, decoded
+from noisy_student.data.items import Item, decoded, encoded
 from noisy_student.data.manifest import MANIFEST_SPLITS, read_manifest
+from noisy_student.data.shards import encode_png, write_shards
 from noisy_student.data.splits import SPLITS, UNKNOWN
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,16 @@ def write_split(
         out[i] = image
     out.flush()
     del out
+    index.to_csv(folder / "index.csv", index=False)
+
+
+def write_encoded_split(
+    folder: Path, blobs: Iterable[bytes], index: pd.DataFrame, data: DataSettings, desc: str
+) -> None:
+    """Stream the images' encoded bytes into shards of ``data.shard_images``."""
+    folder.mkdir(parents=True)
+    progress = track(blobs, len(index), f"prepare {desc}", "images", min_interval=5)
+    write_shards(folder, index["id"].tolist(), progress, data.shard_images)
     index.to_csv(folder / "index.csv", index=False)
 
 
@@ -99,7 +112,11 @@ def prepare_digits(data: DataSettings, seed: int, out: Path) -> list[str]:
             sources=[f"sklearn.datasets.load_digits[{i}]" for i in idx],
         )
         images = (resize_rgb(pixels[i], data.image_size) for i in idx)
-        write_split(out / name, images, len(idx), data.image_size, index, desc=name)
+        if data.storage == "encoded":
+            blobs = (encode_png(image) for image in images)
+            write_encoded_split(out / name, blobs, index, data, desc=name)
+        else:
+            write_split(out / name, images, len(idx), data.image_size, index, desc=name)
     return classes
 
 
@@ -112,6 +129,10 @@ def write_items(out: Path, name: str, items: Sequence[Item], data: DataSettings)
     truth = [i.label if i.truth is None else i.truth for i in items]
     origins = [i.origin or str(i.file) for i in items]
     index = _index([i.id for i in items], labels, truth, origins)
+    if data.storage == "encoded":
+        blobs = encoded(items, data.max_side, decode_workers(data))
+        write_encoded_split(out / name, blobs, index, data, desc=name)
+        return
     images = decoded(items, data.image_size, decode_workers(data))
     write_split(out / name, images, len(items), data.image_size, index, desc=name)
 
@@ -219,11 +240,14 @@ def prepare(settings: Settings, layout: Layout) -> dict[str, int]:
             write_user_splits(staged, data, settings.seed, splits)
         else:
             classes = prepare_folders(data, settings.seed, staged)
-        counts = {
-            name: int(np.load(staged / name / "images.npy", mmap_mode="r").shape[0])
-            for name in SPLITS
+        counts = {name: len(pd.read_csv(staged / name / "index.csv")) for name in SPLITS}
+        summary = {
+            "classes": classes,
+            "source": data.source,
+            "image_size": data.image_size,
+            "storage": data.storage,
+            "counts": counts,
         }
-        summary = {"classes": classes, "source": data.source, "counts": counts}
         (staged / "classes.json").write_text(json.dumps(summary, indent=2))
     log.info("prepared %s: %s, %d classes", data.source, counts, len(classes))
     return counts

@@ -27,7 +27,7 @@ from noisy_student.core.atomic import atomic_path
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import ModelTraining, RuntimeSettings, Settings
-from noisy_student.data.splits import Split, load_classes, load_split
+from noisy_student.data.splits import Split, image_files, load_classes, load_split
 from noisy_student.losses.distill import Distillation, FrozenTeacher, precompute
 from noisy_student.models import promotion
 from noisy_student.models.card import Member, ModelCard, load_card
@@ -216,7 +216,7 @@ def run_params(
 def training_inputs(settings: Settings, name: str, role: str, layout: Layout) -> list[Path]:
     """The files a checkpoint is only valid for: a resumed training must see the same ones."""
     data_dir = layout.prepared
-    inputs = [data_dir / "labeled" / "images.npy", data_dir / "labeled" / "index.csv"]
+    inputs = [*image_files(data_dir / "labeled"), data_dir / "labeled" / "index.csv"]
     inputs += [data_dir / "val" / "index.csv", layout.augment / f"{role}.json"]
     if role == "student":
         inputs.append(layout.pseudo_table(name))

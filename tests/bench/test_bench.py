@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench import accuracy, active, compare, foreign, scale, speed
+from bench import accuracy, active, compare, foreign, scale, speed, storage
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.settings import load_settings
 from noisy_student.data.splits import UNKNOWN, Split
@@ -208,6 +208,27 @@ def test_scale_benchmark_measures_a_fresh_process_per_pool(bench_params, tmp_pat
     assert all(scale.PROGRESS.search(line) for line in lines)
     assert not lines or lines[-1].startswith("pseudo-label (teacher): 600/600 images (100%)")
     assert "| 600 |" in (tmp_path / "scale.md").read_text()
+
+
+def test_storage_benchmark_weighs_each_storage_with_its_dvc_cache(bench_params, tmp_path):
+    result = storage.run(
+        pools=(6,), size=64, sides=(100, 160), workers=(1,), params_file=bench_params,
+        out_dir=tmp_path,
+    )  # fmt: skip
+    (pool,) = result["pools"]
+    runs = {(r["storage"], r["cache_links"]): r for r in pool["runs"]}
+    assert pool["photos"] == 6 + 2 * 3 * 20
+    # hard links: the cache adds next to nothing; copies: a second copy of the prepared data
+    for kind in ("arrays", "encoded"):
+        linked, copied = runs[kind, "hardlink,copy"], runs[kind, "reflink,copy"]
+        assert linked["prepared_and_cache_bytes"] < 1.1 * linked["prepared_bytes"]
+        assert copied["prepared_and_cache_bytes"] > 1.9 * copied["prepared_bytes"]
+    encoded = runs["encoded", "hardlink,copy"]
+    assert (
+        0.9 * pool["source_bytes"] < encoded["prepared_bytes"] < 1.1 * pool["source_bytes"] + 65536
+    )
+    assert encoded["read_images_per_s"] > 0
+    assert "| encoded | hardlink,copy |" in (tmp_path / "storage.md").read_text()
 
 
 @pytest.mark.slow

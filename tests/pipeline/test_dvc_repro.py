@@ -254,8 +254,10 @@ def move_one(source, target) -> None:
 
 
 def test_users_own_folders(tmp_path):
+    """Their photos' own bytes in shards (data.storage: encoded), through the whole loop."""
     images = write_image_folders(tmp_path / "images", images_per_class=6, pool=30)
     params = folder_params(shrink(load_params()), images)
+    params["data"].update(storage="encoded", shard_images=8)
     for cls in ("class_0", "class_1", "class_2"):  # a validation folder of its own
         (images / "val" / cls).mkdir(parents=True)
         for _ in range(2):
@@ -269,6 +271,7 @@ def test_users_own_folders(tmp_path):
     output = run(["dvc", "repro"], project)
     assert ran(output.stdout) == ONE_ROUND
     assert "skipped 1 non-image file" in output.stderr
+    assert len(list((project / "data/prepared/unlabeled").glob("images-*.arrow"))) == 4  # 30 / 8
     metrics = json.loads((project / "metrics.json").read_text())
     assert list(metrics) == ["teacher", "student_1"]
     table = pd.read_csv(project / "pseudo_labels/student_1.csv")

@@ -97,12 +97,15 @@ def test_test_class_missing_from_labeled_is_an_error(tmp_path, tiny_params):
     assert not (tmp_path / "prepared").exists()
 
 
-def test_corrupt_image_names_the_file(tmp_path, tiny_params):
+@pytest.mark.parametrize("storage", ["arrays", "encoded"])
+def test_corrupt_image_names_the_file(tmp_path, tiny_params, storage):
     root = write_image_folders(tmp_path / "images")
     bad = root / "labeled" / "class_1" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    params = folder_params(tiny_params, root)
+    params["data"]["storage"] = storage
     with pytest.raises(PipelineError, match="broken.png: cannot read as an image"):
-        prepare(settings_from(folder_params(tiny_params, root)), into(tmp_path / "prepared"))
+        prepare(settings_from(params), into(tmp_path / "prepared"))
     assert not (tmp_path / "prepared").exists()
 
 
