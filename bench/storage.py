@@ -41,13 +41,13 @@ from typing import Any
 import numpy as np
 import yaml
 
+from bench.cli import run_cli
 from bench.photos import write_photo_folders
 from noisy_student.core.atomic import write_text
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import PARAMS_FILE, Settings
 
 log = logging.getLogger("bench.storage")
-ROOT = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
 
 
@@ -185,17 +185,21 @@ def main() -> None:
     p.add_argument("--params", default=str(PARAMS_FILE))
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    result = run(
-        pools=tuple(args.photos),
-        size=args.image_size,
-        sides=tuple(args.sides),
-        workers=tuple(args.workers),
-        params_file=Path(args.params),
-        out_dir=args.out,
-        command=shlex.join(["python", "-m", "bench.storage", *sys.argv[1:]]),
-    )
-    print(render(result))
+
+    def measured() -> str:
+        return render(
+            run(
+                pools=tuple(args.photos),
+                size=args.image_size,
+                sides=tuple(args.sides),
+                workers=tuple(args.workers),
+                params_file=Path(args.params),
+                out_dir=args.out,
+                command=shlex.join(["python", "-m", "bench.storage", *sys.argv[1:]]),
+            )
+        )
+
+    run_cli(False, lambda: "", measured)  # nothing to rebuild: every table is measured afresh
 
 
 if __name__ == "__main__":

@@ -49,18 +49,16 @@ def shrink_encoded(data: bytes, max_side: int | None, name: str) -> bytes:
     return out.getvalue()
 
 
-def write_shards(folder: Path, ids: list[str], blobs: Iterable[bytes], per_shard: int) -> int:
-    """``images-00000.arrow``, ... of ``per_shard`` images each, in order; the bytes written."""
-    written = 0
+def write_shards(folder: Path, ids: list[str], blobs: Iterable[bytes], per_shard: int) -> None:
+    """``images-00000.arrow``, ... of ``per_shard`` images each, in order."""
     shard, batch_ids, batch = 0, [], []
 
     def flush() -> None:
-        nonlocal shard, written
+        nonlocal shard
         path = folder / f"images-{shard:05d}.arrow"
         table = pa.table({"id": batch_ids, "image": batch}, schema=SCHEMA)
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
             writer.write_table(table)
-        written += path.stat().st_size
         shard += 1
         batch_ids.clear()
         batch.clear()
@@ -72,7 +70,6 @@ def write_shards(folder: Path, ids: list[str], blobs: Iterable[bytes], per_shard
             flush()
     if batch or shard == 0:
         flush()
-    return written
 
 
 class EncodedImages:
@@ -85,13 +82,13 @@ class EncodedImages:
     def __init__(self, files: list[Path], size: int) -> None:
         self.files = files
         self.size = size
-        self._rows: list[list[int]] = []  # rows of each record batch of each shard
-        for k in range(len(files)):
-            reader = self._reader(k)
-            batches = range(reader.num_record_batches)
-            self._rows.append([reader.get_batch(b).num_rows for b in batches])
+        # the shards opened to count their rows stay open (a worker process opens its own)
+        self._readers = {k: self._reader(k) for k in range(len(files))}
+        self._rows = [  # rows of each record batch of each shard
+            [reader.get_batch(b).num_rows for b in range(reader.num_record_batches)]
+            for reader in self._readers.values()
+        ]
         self._starts = np.cumsum([0] + [sum(r) for r in self._rows])
-        self._readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
 
     def _reader(self, k: int) -> pa.ipc.RecordBatchFileReader:
         return pa.ipc.open_file(pa.memory_map(str(self.files[k]), "r"))
