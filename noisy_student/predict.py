@@ -5,9 +5,11 @@
 
 Images are found at any depth and read exactly as the prepare stage reads the user's folders
 (data.images.list_images / read_image: any format Pillow opens, gray/RGBA/16-bit to 8-bit
-RGB, resized to the model's image_size). The CSV (default ``predictions.csv``) has ``id`` (the path
-under the folder), ``class``, ``confidence`` (the top probability) and ``p_<class>`` for every
-class; it is written under a temporary name and renamed, so it is whole or absent.
+RGB, viewed as the model was evaluated: squeezed to its image_size, or with the encoded storage
+the centre crop at its eval_crop_pct, aspect kept). The CSV (default ``predictions.csv``) has
+``id`` (the path under the folder), ``class``, ``confidence`` (the top probability) and
+``p_<class>`` for every class; it is written under a temporary name and renamed, so it is whole
+or absent.
 """
 
 from __future__ import annotations
@@ -56,11 +58,14 @@ def model_folder(model: str | None, settings: Settings, layout: Layout) -> Path:
     return folder
 
 
-def batches(paths: list[Path], size: int, batch_size: int) -> Iterator[np.ndarray]:
-    """The images of ``paths``, read and resized, ``batch_size`` at a time (uint8 N x H x W x 3):
-    a folder of any size streams."""
+def batches(
+    paths: list[Path], size: int, batch_size: int, crop_pct: float | None = None
+) -> Iterator[np.ndarray]:
+    """The images of ``paths`` as a model sees them (``square_view`` at ``crop_pct``),
+    ``batch_size`` at a time (uint8 N x H x W x 3): a folder of any size streams."""
     for start in range(0, len(paths), batch_size):
-        yield np.stack([read_image(p, size) for p in paths[start : start + batch_size]])
+        chunk = paths[start : start + batch_size]
+        yield np.stack([read_image(p, size, crop_pct=crop_pct) for p in chunk])
 
 
 def predict(
@@ -91,7 +96,7 @@ def predict(
         torch.inference_mode(),
     ):
         start = 0
-        for images in batches(paths, card.image_size, batch_size):
+        for images in batches(paths, card.image_size, batch_size, card.eval_crop_pct):
             x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
             with autocast(device, settings.runtime):
                 probs = classifier.probs(x.contiguous(memory_format=memory_format)).float().cpu()

@@ -5,6 +5,7 @@ Two policies: ``teacher`` (light) and ``student`` (the noise that makes Noisy St
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from noisy_student.augment.streams import OwnedRandom
 from noisy_student.core.settings import PolicySettings
+from noisy_student.data.images import center_view
 
 POLICIES = ("teacher", "student")
 
@@ -84,23 +86,54 @@ class TrainTransform:
 
     RandAugment comes first so that the policy's erasing stays the last op (as in timm's
     training transforms). RandAugment draws from ``owned`` (the training's, augment/streams.py),
-    the policy from its own generators (``seed_policy``); each DataLoader worker reseeds both."""
+    the policy from its own generators (``seed_policy``); each DataLoader worker reseeds both.
+
+    An image that is not ``size`` x ``size`` is a source image (the encoded storage hands them
+    over at their stored size): the policy's RandomResizedCrop is taken from it first, as timm's
+    and torchvision's training transforms crop from the source resolution; where the crop does
+    not fire, the evaluation view (``center_view`` at ``crop_pct``) stands in. RandAugment and
+    the rest of the policy then run on the square, at the cost of a square."""
 
     def __init__(
-        self, policy: A.Compose, randaugment=None, owned: OwnedRandom | None = None
+        self,
+        policy: A.Compose,
+        randaugment=None,
+        owned: OwnedRandom | None = None,
+        *,
+        size: int | None = None,
+        crop_pct: float = 1.0,
+        seed: int = 0,
     ) -> None:
         self.policy = policy
         self.randaugment = randaugment
         self.owned = owned if owned is not None else OwnedRandom(0)
+        self.size, self.crop_pct = size, crop_pct
+        crop, *rest = policy.transforms
+        if not isinstance(crop, A.RandomResizedCrop):
+            raise ValueError(f"the policy's first op must be RandomResizedCrop, not {crop}")
+        self.crop = crop
+        # the ops after the crop, for source images: copies with a stream of their own, so that
+        # the arrays' storage (self.policy alone) draws exactly what it drew before
+        self.rest = seed_policy(A.Compose([copy.deepcopy(op) for op in rest]), seed + 1)
 
     def reseed(self, seed: int) -> None:
         seed_policy(self.policy, seed)
+        seed_policy(self.rest, seed + 1)
         self.owned.seed(seed)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
+        policy = self.policy
+        if self.size is not None and image.shape[:2] != (self.size, self.size):
+            image, policy = self.crop_source(image), self.rest
         if self.randaugment is not None:
             from PIL import Image
 
             with self.owned.active():
                 image = np.asarray(self.randaugment(Image.fromarray(image)))
-        return self.policy(image=image)["image"]
+        return policy(image=image)["image"]
+
+    def crop_source(self, image: np.ndarray) -> np.ndarray:
+        square = self.crop(image=image)["image"]
+        if square.shape[:2] != (self.size, self.size):
+            square = center_view(square, self.size, self.crop_pct)
+        return square

@@ -90,6 +90,7 @@ class DataSettings(Strict):
     storage: Literal["arrays", "encoded"]  # decoded pixels (images.npy) or encoded shards
     shard_images: PositiveInt  # encoded: images per shard file
     max_side: Annotated[int, Field(ge=8)] | None  # encoded: re-encode above this side; None: never
+    eval_crop_pct: Annotated[float, Field(gt=0.0, le=1.0)]  # encoded: timm's eval centre crop
 
     @model_validator(mode="after")
     def _folders_need_dirs(self) -> DataSettings:

@@ -1,9 +1,11 @@
-"""Reading the user's image files: any format Pillow opens, as 8-bit RGB at a fixed size."""
+"""Reading the user's image files: any format Pillow opens, as 8-bit RGB, and the square views
+the models take of them."""
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -19,16 +21,38 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 H x W (x C) -> uint8 size x size x 3."""
+def resize_rgb(image: np.ndarray, size: int, height: int | None = None) -> np.ndarray:
+    """uint8 H x W (x C) -> uint8 height x size x 3 (height defaults to size: a square, aspect
+    ratio not kept)."""
+    height = size if height is None else height
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.shape[:2] != (size, size):
-        shrinking = image.shape[0] > size or image.shape[1] > size
+    if image.shape[:2] != (height, size):
+        shrinking = image.shape[0] > height or image.shape[1] > size
         image = cv2.resize(
-            image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+            image, (size, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
         )
     return np.ascontiguousarray(image, dtype=np.uint8)
+
+
+def center_view(image: np.ndarray, size: int, crop_pct: float) -> np.ndarray:
+    """timm's evaluation view (``transforms_imagenet_eval``), aspect ratio kept: the short side
+    resized to ``floor(size / crop_pct)``, then the central ``size`` x ``size``. Written here with
+    cv2 on uint8 arrays, as resize_rgb resizes, so that at crop_pct 1.0 a square image gives
+    resize_rgb's pixels exactly."""
+    h, w = image.shape[:2]
+    short = math.floor(size / crop_pct)
+    # torchvision's Resize(short): the long side int(short * long / short_side)
+    new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    resized = resize_rgb(image, new_w, new_h)
+    top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)  # torchvision CenterCrop
+    return np.ascontiguousarray(resized[top : top + size, left : left + size])
+
+
+def square_view(image: np.ndarray, size: int, crop_pct: float | None) -> np.ndarray:
+    """What a model sees of an image: ``center_view`` at ``crop_pct``, or the whole image squeezed
+    into the square when crop_pct is None (the arrays' storage)."""
+    return resize_rgb(image, size) if crop_pct is None else center_view(image, size, crop_pct)
 
 
 def to_rgb8(img: Image.Image) -> np.ndarray:
@@ -44,8 +68,9 @@ def to_rgb8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def read_image(source: Path | bytes, size: int, name: str | None = None) -> np.ndarray:
-    """A file, or an encoded image's bytes (``name`` says which image in errors)."""
+def read_rgb(source: Path | bytes, name: str | None = None) -> np.ndarray:
+    """A file, or an encoded image's bytes, as uint8 H x W x 3 at its own size (``name`` says
+    which image in errors)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -54,7 +79,16 @@ def read_image(source: Path | bytes, size: int, name: str | None = None) -> np.n
                 rgb = to_rgb8(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise PipelineError(f"{name or source}: cannot read as an image ({exc})") from None
-    return resize_rgb(rgb, size)
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[:, :, None], 3, axis=2)
+    return rgb
+
+
+def read_image(
+    source: Path | bytes, size: int, name: str | None = None, crop_pct: float | None = None
+) -> np.ndarray:
+    """``read_rgb`` then ``square_view``."""
+    return square_view(read_rgb(source, name), size, crop_pct)
 
 
 def list_images(folder: Path) -> list[Path]:

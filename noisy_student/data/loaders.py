@@ -12,7 +12,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 class ImageDataset(Dataset):
     """Images ``images[indices]`` as uint8 CHW tensors, optionally augmented (``TrainTransform``).
 
-    uint8 crosses the loader (a quarter of float32's bytes); normalization happens on the device."""
+    With a transform, images that keep a source (the encoded storage, data/shards.py) are handed
+    to it at their stored size, for training to crop from. uint8 crosses the loader (a quarter of
+    float32's bytes); normalization happens on the device."""
 
     def __init__(
         self, images: np.ndarray, transform: Any | None = None, indices: np.ndarray | None = None
@@ -25,9 +27,12 @@ class ImageDataset(Dataset):
         return len(self.indices)
 
     def image(self, i: int) -> torch.Tensor:
-        image = np.asarray(self.images[int(self.indices[i])])
-        if self.transform is not None:
-            image = self.transform(image)
+        row = int(self.indices[i])
+        if self.transform is None:
+            image = np.asarray(self.images[row])
+        else:
+            source = getattr(self.images, "source", None)
+            image = self.transform(source(row) if source else np.asarray(self.images[row]))
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
     def __getitem__(self, i: int) -> torch.Tensor:

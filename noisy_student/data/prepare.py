@@ -4,7 +4,8 @@ dataset) -> resized RGB splits on disk.
 Splits: labeled (few labels), val (monitoring only), test, unlabeled (the pool to pseudo-label).
 ``data.storage``: ``arrays`` stores every image resized to ``data.image_size`` squared (aspect
 ratio not kept) as uint8 pixels; ``encoded`` stores each image's own bytes in shards
-(data/shards.py) and resizes it the same way when it is read.
+(data/shards.py): training crops from them at their own size, evaluation takes timm's view
+(short side resized, centre cropped at ``data.eval_crop_pct``).
 """
 
 from __future__ import annotations
@@ -246,6 +247,9 @@ def prepare(settings: Settings, layout: Layout) -> dict[str, int]:
             "source": data.source,
             "image_size": data.image_size,
             "storage": data.storage,
+            # how evaluation views an image (images.square_view): None squeezes the whole image
+            # into the square, as the arrays' storage stored it
+            "eval_crop_pct": data.eval_crop_pct if data.storage == "encoded" else None,
             "counts": counts,
         }
         (staged / "classes.json").write_text(json.dumps(summary, indent=2))

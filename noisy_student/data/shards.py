@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from noisy_student.data.images import read_image, to_rgb8
+from noisy_student.data.images import read_rgb, square_view, to_rgb8
 
 SHARD_GLOB = "images-*.arrow"
 SCHEMA = pa.schema([("id", pa.string()), ("image", pa.large_binary())])
@@ -35,7 +35,7 @@ def encode_png(pixels: np.ndarray) -> bytes:
 def shrink_encoded(data: bytes, max_side: int | None, name: str) -> bytes:
     """The image's own bytes, or a JPEG (quality 95) at ``max_side`` when its longer side is
     larger. Decoded once either way, so a file that is not an image stops prepare here."""
-    read_image(data, 8, name=name)  # the same check, and error, as the arrays' storage
+    read_rgb(data, name=name)  # the same check, and error, as the arrays' storage
     if max_side is None:
         return data
     with Image.open(io.BytesIO(data)) as img:
@@ -74,14 +74,16 @@ def write_shards(folder: Path, ids: list[str], blobs: Iterable[bytes], per_shard
 
 class EncodedImages:
     """A split's shards, read like the arrays' ``images.npy``: ``images[i]``, ``images[rows]``,
-    ``images[a:b]`` give uint8 pixels at ``size`` x ``size`` x 3 (decoded and resized as prepare
-    resizes them for the arrays' storage, so both storages train on the same pixels).
+    ``images[a:b]`` give uint8 pixels at ``size`` x ``size`` x 3, the evaluation view
+    (images.square_view at ``crop_pct``: aspect ratio kept, as timm evaluates). ``source(i)`` is
+    the image at its stored size, which training crops from (augment/policy.py TrainTransform).
 
     Files are memory-mapped on first use in each process (a DataLoader worker opens its own)."""
 
-    def __init__(self, files: list[Path], size: int) -> None:
+    def __init__(self, files: list[Path], size: int, crop_pct: float | None) -> None:
         self.files = files
         self.size = size
+        self.crop_pct = crop_pct
         # the shards opened to count their rows stay open (a worker process opens its own)
         self._readers = {k: self._reader(k) for k in range(len(files))}
         self._rows = [  # rows of each record batch of each shard
@@ -117,8 +119,12 @@ class EncodedImages:
             row -= rows
         raise IndexError(i)
 
+    def source(self, i: int) -> np.ndarray:
+        """Image ``i`` decoded at its stored size (uint8 H x W x 3)."""
+        return read_rgb(self.encoded(i), name=f"image {i}")
+
     def decode(self, i: int) -> np.ndarray:
-        return read_image(self.encoded(i), self.size, name=f"image {i}")
+        return square_view(self.source(i), self.size, self.crop_pct)
 
     def __getitem__(self, key: int | slice | np.ndarray | list[int]) -> np.ndarray:
         if isinstance(key, int | np.integer):

@@ -58,7 +58,8 @@ def load_split(name: str, root: Path) -> Split:
     if files[0].suffix == ".npy":
         images = np.load(files[0], mmap_mode="r")
     else:
-        images = EncodedImages(files, prepared_summary(root)["image_size"])
+        summary = prepared_summary(root)
+        images = EncodedImages(files, summary["image_size"], summary["eval_crop_pct"])
     if len(images) != len(index):
         raise PipelineError(f"{folder}: {len(images)} images but {len(index)} rows in index.csv")
     return Split(

@@ -36,6 +36,9 @@ class ModelCard:
     # the run its loop's trainings nest under: the flow's, or under `dvc repro` the loop's own,
     # opened by the teacher and handed down card to card (None: a card from before it)
     loop_run_id: str | None = None
+    # how it sees an image (data.images.square_view): the centre crop at this crop_pct, aspect
+    # kept (the encoded storage), or None, the whole image squeezed into the square (arrays)
+    eval_crop_pct: float | None = None
 
     @property
     def model(self) -> str:

@@ -2,8 +2,9 @@
 
 The ONNX graph takes what the PyTorch model takes: float32 pixels 0..255, N x 3 x H x W (any N;
 H = W = the model card's image_size), input ``pixels``, and returns ``logits`` (N x classes); the
-class names and image size ride along in the model's metadata (``classes``, a JSON list;
-``image_size``; ``model``). Run it with ONNX Runtime:
+class names and image view ride along in the model's metadata (``classes``, a JSON list;
+``image_size``; ``eval_crop_pct``, JSON: null for the whole image squeezed into the square, else
+timm's centre crop, see data.images.square_view; ``model``). Run it with ONNX Runtime:
 
     sess = onnxruntime.InferenceSession("exports/final.onnx")
     logits = sess.run(None, {"pixels": images.astype("float32")})[0]
@@ -127,6 +128,7 @@ def export(
         add_metadata(
             tmp,
             {"classes": json.dumps(card.classes), "image_size": str(card.image_size),
+             "eval_crop_pct": json.dumps(card.eval_crop_pct),
              "model": name, "architecture": card.model},
         )  # fmt: skip
         worst = check_against_torch(classifier, tmp, np.asarray(val.images[:CHECK_IMAGES]))

@@ -36,7 +36,11 @@ def log_model(nets: list[torch.nn.Module], card: ModelCard) -> None:
         input_example=example,
         serialization_format="pt2",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"],
-        metadata={"classes": card.classes, "image_size": card.image_size},
+        metadata={
+            "classes": card.classes,
+            "image_size": card.image_size,
+            "eval_crop_pct": card.eval_crop_pct,
+        },
         # MLflow would load the model back and run it on the example (1-2 s a training); the
         # registry's tests load it and compare its predictions with the checkpoint's instead
         validate_serving_input=False,

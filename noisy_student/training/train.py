@@ -275,6 +275,7 @@ def train_logged(
             mlflow_run_id=run.info.run_id,
             members=members,
             loop_run_id=parent.run_id,
+            eval_crop_pct=getattr(job.val.images, "crop_pct", None),
         )
         log_model(nets, card)
         curves = pd.DataFrame(rows).to_csv(index=False)
@@ -352,7 +353,14 @@ def train_member(
     seed_policy(policy, seed)
     owned = OwnedRandom(seed)  # RandAugment's and Mixup's: nothing else in the process draws them
     noise = randaugment(spec.randaugment_n, spec.randaugment_m, settings.data.image_size)
-    transform = TrainTransform(policy, noise if spec.randaugment_n > 0 else None, owned)
+    transform = TrainTransform(
+        policy,
+        noise if spec.randaugment_n > 0 else None,
+        owned,
+        size=settings.data.image_size,
+        crop_pct=settings.data.eval_crop_pct,
+        seed=seed,
+    )
     attach_transform(train_set, transform)
     net = create_model(spec, len(classes), architecture)
     rank = distributed.world().rank

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -284,6 +285,16 @@ def test_users_own_folders(tmp_path):
     plots = dvc_plots(project)
     assert "errors" not in json.dumps(plots)
     assert len(plots["reports/plots/images/03_pseudo_labels-student_1.png"]) == 1
+    # predict sees each image as pseudo-labeling did: timm's centre crop at eval_crop_pct
+    from noisy_student.core.settings import load_settings
+    from noisy_student.predict import predict
+
+    card = json.loads((project / "models/teacher/card.json").read_text())
+    assert card["eval_crop_pct"] == params["data"]["eval_crop_pct"] == 0.875
+    with contextlib.chdir(project):
+        predict(load_settings(), images / "pool", model="teacher", out=tmp_path / "pool.csv")
+    predicted = pd.read_csv(tmp_path / "pool.csv").set_index("id")["class"]
+    assert predicted[table["id"]].tolist() == table["pred_class"].tolist()
 
     # DVC sees the files, not the folders' paths: a relabeled test image reruns evaluation and
     # what follows it; every model, pseudo-label table and the champion stay as they were

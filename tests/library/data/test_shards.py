@@ -1,5 +1,7 @@
-"""Encoded storage (data.storage: encoded): each image's own bytes in shards, read back as the
-same pixels as the arrays' storage, at about the source files' size, versioned shard by shard."""
+"""Encoded storage (data.storage: encoded): each image's own bytes in shards, at about the
+source files' size, versioned shard by shard; evaluation sees timm's centre crop (aspect kept),
+which for square images at eval_crop_pct 1.0 is the arrays' storage pixel for pixel; training
+crops from the stored resolution."""
 
 from __future__ import annotations
 
@@ -12,11 +14,13 @@ import torch
 from PIL import Image
 
 from bench.photos import write_photo_folders
+from noisy_student.augment.policy import TrainTransform, build_policy
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import Settings
+from noisy_student.data.images import center_view
 from noisy_student.data.loaders import ImageDataset, make_loader
 from noisy_student.data.prepare import prepare
-from noisy_student.data.shards import shard_files
+from noisy_student.data.shards import EncodedImages, encode_png, shard_files, write_shards
 from noisy_student.data.splits import SPLITS, load_split
 from tests.helpers.images import folder_params, write_image_folders
 
@@ -34,7 +38,7 @@ def test_encoded_storage_reads_the_same_pixels_as_the_arrays(tmp_path, tiny_para
     if source == "folders":  # PNG, JPEG, gray, RGBA, nested folders
         params = folder_params(tiny_params, write_image_folders(tmp_path / "images", pool=10))
     arrays = prepared(params, tmp_path / "a", "arrays")
-    encoded = prepared(params, tmp_path / "e", "encoded", shard_images=4)
+    encoded = prepared(params, tmp_path / "e", "encoded", shard_images=4, eval_crop_pct=1.0)
     assert len(shard_files(encoded.prepared / "unlabeled")) > 1
     for name in SPLITS:
         a, e = load_split(name, arrays.prepared), load_split(name, encoded.prepared)
@@ -43,6 +47,54 @@ def test_encoded_storage_reads_the_same_pixels_as_the_arrays(tmp_path, tiny_para
         assert np.array_equal(e.images[:], np.asarray(a.images)), name
         assert np.array_equal(e.images[np.array([2, 0])], a.images[[2, 0]])
         assert np.array_equal(e.images[-1], a.images[-1])
+
+
+def test_photos_are_evaluated_through_timms_centre_crop_with_their_aspect_kept(
+    tmp_path, tiny_params
+):
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    images = write_photo_folders(tmp_path / "photos", per_class=1, pool=4)
+    params = folder_params(tiny_params, images)
+    params["data"]["image_size"] = 64
+    layout = prepared(params, tmp_path / "p", "encoded", eval_crop_pct=0.875)
+    pool = load_split("unlabeled", layout.prepared)
+    timm_eval = transforms_imagenet_eval(64, crop_pct=0.875, use_prefetcher=True)  # uint8 C x H x W
+    for i, image_id in enumerate(pool.ids):
+        with Image.open(images / "pool" / image_id) as photo:
+            assert photo.size[0] != photo.size[1]
+            theirs = np.asarray(timm_eval(photo.convert("RGB"))).transpose(1, 2, 0).astype(int)
+            squeezed = np.asarray(photo.convert("RGB").resize((64, 64), Image.BILINEAR))
+        ours = pool.images[i].astype(int)
+        assert ours.shape == theirs.shape == (64, 64, 3)
+        # the same crop of the same photo, resampled by cv2 here and by Pillow in timm
+        assert np.abs(ours - theirs).mean() < 4 < np.abs(squeezed - theirs).mean(), image_id
+
+
+def test_training_crops_from_the_stored_resolution(tmp_path, tiny_params):
+    """A 1-pixel checkerboard survives a small RandomResizedCrop taken from the 256-px source;
+    from a 16-px copy it would be flat grey. Where the crop does not fire: the evaluation view."""
+    board = ((np.indices((256, 320)).sum(axis=0) % 2) * 255).astype(np.uint8)
+    board = np.repeat(board[:, :, None], 3, axis=2)
+    (tmp_path / "s").mkdir()
+    write_shards(tmp_path / "s", ["board"], [encode_png(board)], per_shard=1)
+    images = EncodedImages(shard_files(tmp_path / "s"), 16, 0.875)
+    assert images[0].std() < 40  # evaluation: the whole board, averaged to grey
+    settings = Settings.model_validate(tiny_params)
+
+    def train_view(crop_p: float) -> np.ndarray:
+        policy = build_policy(settings.augment.student, 16, seed=0)
+        crop, *rest = policy.transforms
+        # 16 x 16 source pixels: 256 / (256 * 320) of the area, square
+        crop.p, crop.scale, crop.ratio = crop_p, (1 / 320, 1 / 320), (1.0, 1.0)
+        for op in rest:
+            op.p = 0.0
+        transform = TrainTransform(policy, size=16, crop_pct=0.875, seed=0)
+        return ImageDataset(images, transform)[0].permute(1, 2, 0).numpy()
+
+    cropped = train_view(1.0)
+    assert cropped.shape == (16, 16, 3) and cropped.std() > 100
+    assert np.array_equal(train_view(0.0), center_view(board, 16, 0.875))
 
 
 def test_encoded_images_stream_through_loader_workers(tmp_path, tiny_params):
