@@ -148,7 +148,7 @@ def run(
                 layout = run_layout(folder, folder / "runs" / variant)
                 rounds = {}
                 for student in (s.name for s in settings.students):
-                    table = pd.read_csv(layout.pseudo_table(student), dtype={"id": str})
+                    table = pd.read_parquet(layout.pseudo_table(student))
                     if len(table):  # a round after the loop stopped has no rows
                         rounds[student] = table_counts(table)
                 row = {"key": list(key), "seed": seed, "fraction": fraction, "variant": variant,

@@ -39,7 +39,9 @@ def label_pool(settings: Settings, student: str, root: Path) -> dict:
     threads = max(1, (os.cpu_count() or 1) // settings.flow.dask_workers)
     with labeling.shard_folder(layout, student) as folder:
         futures = [
-            label_shard.submit(settings, student, start, end, folder / f"{k}.csv", layout, threads)
+            label_shard.submit(
+                settings, student, start, end, folder / f"{k}.parquet", layout, threads
+            )
             for k, (start, end) in enumerate(bounds)
         ]
         files = [future.result() for future in futures]

@@ -19,7 +19,7 @@ class Layout:
     prepared: Path  # data/prepared/<split>/ and classes.json
     augment: Path  # the albumentations policies and their preview
     models: Path  # models/<name>/: weights, card.json, history.csv
-    pseudo_labels: Path  # pseudo_labels/<student>.csv and .json
+    pseudo_labels: Path  # pseudo_labels/<student>.parquet (the table) and .json
     checkpoints: Path  # what a killed training resumes from (not a DVC output)
     metrics: Path  # test accuracy per model (DVC metrics)
     comparison: Path
@@ -59,7 +59,7 @@ class Layout:
         return self.models / name
 
     def pseudo_table(self, student: str) -> Path:
-        return self.pseudo_labels / f"{student}.csv"
+        return self.pseudo_labels / f"{student}.parquet"
 
     def pseudo_summary(self, student: str) -> Path:
         return self.pseudo_labels / f"{student}.json"

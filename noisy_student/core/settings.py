@@ -223,6 +223,8 @@ class PseudoLabelSettings(Strict):
     # validation images are held out as foreign (0.95: 95% of validation images would pass);
     # None: off
     ood_filter: Annotated[float, Field(gt=0.0, le=1.0)] | None
+    probs: Literal["float32", "float16"]  # the table's probabilities
+    top_k: PositiveInt | None  # keep the teacher's k largest probabilities; None: all of them
 
 
 class DistillSettings(Strict):

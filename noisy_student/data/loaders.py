@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from noisy_student.data.sparse import SparseRows
+
 
 class ImageDataset(Dataset):
     """Images ``images[indices]`` as uint8 CHW tensors, optionally augmented (``TrainTransform``).
@@ -53,7 +55,7 @@ class TrainingImages(ImageDataset):
         self,
         images: np.ndarray,
         indices: np.ndarray,
-        targets: np.ndarray,
+        targets: np.ndarray | SparseRows,
         kd_weights: np.ndarray,
         teacher_probs: np.ndarray | None = None,
         transform: Any | None = None,
@@ -63,12 +65,20 @@ class TrainingImages(ImageDataset):
             teacher_probs = np.zeros((len(self.indices), 0), dtype=np.float32)
         if not len(targets) == len(kd_weights) == len(teacher_probs) == len(self.indices):
             raise ValueError("one target row, distillation weight and teacher row per item")
-        self.targets = torch.from_numpy(np.asarray(targets, dtype=np.float32))
+        # SparseRows (top-k pseudo-labels) stay sparse: a dense row is made per item
+        self.targets = (
+            targets
+            if isinstance(targets, SparseRows)
+            else torch.from_numpy(np.asarray(targets, dtype=np.float32))
+        )
         self.kd_weights = torch.from_numpy(np.asarray(kd_weights, dtype=np.float32))
         self.teacher_probs = torch.from_numpy(np.asarray(teacher_probs, dtype=np.float32))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
-        return self.image(i), self.targets[i], self.kd_weights[i], self.teacher_probs[i]
+        target = self.targets[i]
+        if isinstance(target, np.ndarray):  # a SparseRows row
+            target = torch.from_numpy(target)
+        return self.image(i), target, self.kd_weights[i], self.teacher_probs[i]
 
 
 def _reseed_worker(worker_id: int) -> None:

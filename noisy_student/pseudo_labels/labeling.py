@@ -1,11 +1,13 @@
 """Pseudo-labeling: the round's teacher labels the whole unlabeled pool (the pseudo_label stage).
 
-Writes ``pseudo_labels/<student>.csv``, one row per pool image: ``id``, ``pred`` (class index),
-``pred_class``, ``confidence``, ``energy`` (the teacher's free energy: high on images unlike the
-labeled classes), ``foreign`` (only with ``pseudo_label.ood_filter``: held out as of none of the
-classes, pseudo_labels/foreign.py), ``kept`` (in the student's training set), ``copies`` (how many
-times: more than 1 where class balancing duplicates a rare class) and ``p_<class>``, the teacher's
-full probability vector (an ensemble's average); plus ``pseudo_labels/<student>.json``, a summary
+Writes ``pseudo_labels/<student>.parquet``, one row per pool image: ``id``, ``pred`` (class
+index), ``pred_class``, ``confidence``, ``energy`` (the teacher's free energy: high on images
+unlike the labeled classes), ``foreign`` (only with ``pseudo_label.ood_filter``: held out as of
+none of the classes, pseudo_labels/foreign.py), ``kept`` (in the student's training set),
+``copies`` (how many times: more than 1 where class balancing duplicates a rare class) and the
+teacher's probabilities (an ensemble's average): ``p_<class>`` for every class, or with
+``pseudo_label.top_k`` its largest entries, ``top_classes`` and ``top_probs``
+(pseudo_labels/table.py); plus ``pseudo_labels/<student>.json``, a summary
 with the counts per class and, when the pool's truth is known (the demo), the accuracy of the kept
 labels.
 
@@ -30,22 +32,35 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
 from noisy_student.core.atomic import atomic_path
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.progress import Progress
-from noisy_student.core.settings import Settings
+from noisy_student.core.settings import PseudoLabelSettings, Settings
 from noisy_student.data.splits import load_classes, load_split
 from noisy_student.models import promotion
 from noisy_student.models.classifier import load_checkpoint, resolve_device
 from noisy_student.models.inference import eval_loader, iter_outputs, probability_table
 from noisy_student.pseudo_labels.foreign import energy_cut, foreign_rows, validation_energy
 from noisy_student.pseudo_labels.selection import select, summarize
-from noisy_student.pseudo_labels.table import CHUNK_ROWS, append_csv, write_with_copies
+from noisy_student.pseudo_labels.table import (
+    TableWriter,
+    arrow_table,
+    probability_columns,
+    read_columns,
+    write_empty,
+    write_with_copies,
+)
 
 log = logging.getLogger(__name__)
+
+# a stopped round's table: no rows
+EMPTY = pa.schema([("id", pa.string()), ("pred", pa.int64()), ("pred_class", pa.string()),
+                   ("confidence", pa.float32()), ("energy", pa.float32()), ("kept", pa.bool_()),
+                   ("copies", pa.int64())])  # fmt: skip
 
 
 def label_rows(
@@ -55,13 +70,26 @@ def label_rows(
     threshold: float,
     energy: torch.Tensor | None = None,
 ) -> pd.DataFrame:
-    table = probability_table(probs, ids, classes, "pred_class", index_column="pred")
-    after = table.columns.get_loc("confidence") + 1
+    """The table's leading columns; the probabilities follow (``table_rows``)."""
+    table = probability_table(
+        probs, ids, classes, "pred_class", index_column="pred", with_probs=False
+    )
     if energy is not None:
-        table.insert(after, "energy", energy.numpy())
-        after += 1
-    table.insert(after, "kept", table["confidence"] >= threshold)
+        table["energy"] = energy.numpy()
+    table["kept"] = table["confidence"] >= threshold
     return table
+
+
+def table_rows(
+    probs: torch.Tensor,
+    ids: list[str],
+    classes: list[str],
+    cfg: PseudoLabelSettings,
+    energy: torch.Tensor | None = None,
+) -> pa.Table:
+    """One batch's rows of the table, as written."""
+    columns = probability_columns(probs.float().numpy(), classes, cfg.top_k, cfg.probs)
+    return arrow_table(label_rows(probs, ids, classes, cfg.threshold, energy), columns)
 
 
 def pseudo_label(
@@ -79,7 +107,7 @@ def pseudo_label(
     cfg = settings.pseudo_label
     with shard_folder(layout, student) as folder:
         files = [
-            label_shard(settings, student, start, end, folder / f"{k}.csv", layout)
+            label_shard(settings, student, start, end, folder / f"{k}.parquet", layout)
             for k, (start, end) in enumerate(shard_bounds(len(pool), cfg.batch_size, cfg.shards))
         ]
         return merge_shards(settings, student, files, layout)
@@ -92,9 +120,8 @@ def skip_if_stopped(settings: Settings, student: str, layout: Layout) -> dict | 
         return None
     summary = {"stopped": True, "teacher": None, "reason": before.reason}
     log.info("%s: no pseudo-labels, the loop has stopped: %s", student, before.reason)
-    columns = ["id", "pred", "pred_class", "confidence", "energy", "kept", "copies"]
     with atomic_path(layout.pseudo_table(student)) as tmp:
-        pd.DataFrame(columns=columns).to_csv(tmp, index=False)
+        write_empty(tmp, EMPTY)
     with atomic_path(layout.pseudo_summary(student)) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     return summary
@@ -131,8 +158,8 @@ def label_shard(
     threads: int | None = None,
 ) -> Path:
     """Rows [start, end) of the pool: the teacher's class, confidence and distribution per image,
-    streamed batch by batch to ``out`` (a CSV written atomically). ``threads``: torch's share of
-    the cores, when several shards are labeled on one machine at once."""
+    streamed batch by batch to ``out`` (a Parquet file written atomically). ``threads``: torch's
+    share of the cores, when several shards are labeled on one machine at once."""
     if threads is not None:
         torch.set_num_threads(threads)
     teacher = promotion.round_teacher(settings, layout, student)
@@ -145,15 +172,14 @@ def label_shard(
     log.info("%s labels pool images %d-%d of %d for %s", teacher, start, end, len(pool), student)
     with (
         atomic_path(out) as tmp,
+        TableWriter(tmp) as writer,
         Progress(end - start, f"pseudo-label ({teacher})", "images", min_interval=5) as bar,
     ):
         done = start
-        for i, (probs, energy) in enumerate(
-            iter_outputs(classifier, loader, device, settings.runtime)
-        ):
+        for probs, energy in iter_outputs(classifier, loader, device, settings.runtime):
             ids = pool.ids[done : done + len(probs)]
-            table = label_rows(probs, ids, card.classes, cfg.threshold, energy)
-            append_csv(table, tmp, header=i == 0)  # streamed: the pool may not fit in memory
+            # streamed: the pool may not fit in memory
+            writer.write(table_rows(probs, ids, card.classes, cfg, energy))
             done += len(probs)
             bar.update(len(probs))
     return out
@@ -172,13 +198,7 @@ def merge_shards(
     pool = load_split("unlabeled", layout.prepared)
     classes = load_classes(layout.prepared)
     table = pd.concat(
-        [
-            chunk
-            for path in files
-            for chunk in pd.read_csv(
-                path, usecols=["pred", "confidence", "energy"], chunksize=CHUNK_ROWS
-            )
-        ],
+        [read_columns(path, ["pred", "confidence", "energy"]) for path in files],
         ignore_index=True,
     )
     if len(table) != len(pool):

@@ -43,6 +43,7 @@ from noisy_student.data.splits import load_classes, load_split
 from noisy_student.models import promotion
 from noisy_student.models.classifier import load_checkpoint, resolve_device
 from noisy_student.models.inference import EVAL_BATCH_SIZE, eval_loader, iter_probabilities
+from noisy_student.pseudo_labels.table import read_columns
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("least_confident", "margin", "disagreement")
@@ -86,7 +87,7 @@ def round_votes(settings: Settings, layout: Layout, ids: list[str], guess: np.nd
     for name in promotion.trained_models(settings, layout)[1:]:
         path = layout.pseudo_table(name)
         if path.exists():
-            table = pd.read_csv(path, usecols=["id", "pred"], dtype={"id": str})
+            table = read_columns(path, ["id", "pred"])
             if table["id"].tolist() == ids:  # an emptied table (a stopped round) has no rows
                 columns.append(table["pred"].to_numpy())
     return np.stack(columns, axis=1)

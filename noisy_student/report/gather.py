@@ -17,6 +17,7 @@ from noisy_student.core.settings import Settings
 from noisy_student.data.splits import UNKNOWN, load_classes
 from noisy_student.evaluation.rounds import rounds_table
 from noisy_student.models import promotion
+from noisy_student.pseudo_labels.table import read_columns
 
 SIGNIFICANCE = 0.05  # McNemar p below this: a round's change is more than the test set's noise
 
@@ -151,14 +152,12 @@ def gather(settings: Settings, layout: Layout) -> Inputs:
     pseudo, summaries = {}, {}
     for student in names[1:]:
         summaries[student] = _read_json(pseudo_dir / f"{student}.json", "pseudo_label")
-        table = _read_csv(
-            pseudo_dir / f"{student}.csv",
-            "pseudo_label",
-            usecols=lambda c: c in ("id", "pred", "confidence", "energy", "foreign", "kept"),
-            dtype={"id": str},
-        )
+        path = layout.pseudo_table(student)
+        if not path.exists():
+            raise PipelineError(f"{path}: not found; run the pseudo_label stage first")
+        table = read_columns(path, ["id", "pred", "confidence", "energy", "foreign", "kept"])
         if table["id"].tolist() != index["id"].tolist():
-            raise PipelineError(f"{pseudo_dir / student}.csv: rows do not match the prepared pool")
+            raise PipelineError(f"{path}: rows do not match the prepared pool")
         table["correct"] = table["pred"].to_numpy() == truth if truth_known else np.nan
         pseudo[student] = table
     rounds = round_rows(rounds_table(settings, layout, metrics), predictions, registry)

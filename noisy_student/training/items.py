@@ -10,11 +10,12 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from noisy_student.augment.policy import TrainTransform
 from noisy_student.core.layout import Layout
-from noisy_student.core.settings import ModelTraining, Settings
+from noisy_student.core.settings import ModelTraining, PseudoLabelSettings, Settings
 from noisy_student.data.loaders import TrainingImages
+from noisy_student.data.sparse import SparseRows
 from noisy_student.data.splits import Split, load_split
 from noisy_student.losses.mixing import one_hot, sharpen
-from noisy_student.pseudo_labels.table import load_pseudo_labels
+from noisy_student.pseudo_labels.table import PseudoLabels, load_pseudo_labels
 
 
 def labeled_items(
@@ -54,10 +55,9 @@ def training_items(
     alpha = kd.alpha if kd.enabled else 0.0
     pool = load_split("unlabeled", layout.prepared)
     pseudo = load_pseudo_labels(layout.pseudo_table(name), pool, classes)
-    if settings.pseudo_label.labels == "hard":
-        pool_targets = one_hot(pseudo.hard, len(classes), spec.label_smoothing)
-    else:
-        pool_targets = sharpen(pseudo.probs, settings.pseudo_label.temperature)
+    pool_targets = pool_label_targets(
+        pseudo, settings.pseudo_label, spec.label_smoothing, len(classes)
+    )
     labeled_probs = pool_probs = None
     if clean_teacher is not None:
         labeled_probs = clean_teacher(labeled.images, np.arange(len(labeled)))
@@ -68,12 +68,29 @@ def training_items(
     pool_items = TrainingImages(
         pool.images,
         pseudo.indices,
-        pool_targets * pool_ce,
+        pool_targets.scaled(pool_ce)
+        if isinstance(pool_targets, SparseRows)
+        else pool_targets * pool_ce,
         np.full(len(pseudo.indices), pool_kd, dtype=np.float32),
         pool_probs,
     )
     labeled_part = labeled_items(labeled, len(classes), spec, 1.0 - alpha, alpha, labeled_probs)
     return ConcatDataset([labeled_part, pool_items]), len(labeled)
+
+
+def pool_label_targets(
+    pseudo: PseudoLabels, cfg: PseudoLabelSettings, smoothing: float, num_classes: int
+) -> np.ndarray | SparseRows:
+    """The pool's targets: the teacher's class (smoothed), or its distribution sharpened at
+    ``cfg.temperature``; kept sparse (k numbers an image) when the table holds top-k."""
+    sparse = isinstance(pseudo.probs, SparseRows)
+    if cfg.labels == "hard":
+        if sparse:
+            return SparseRows.one_hot(pseudo.hard, num_classes, smoothing)
+        return one_hot(pseudo.hard, num_classes, smoothing)
+    if sparse:
+        return pseudo.probs.sharpened(cfg.temperature)
+    return sharpen(pseudo.probs, cfg.temperature)
 
 
 def attach_transform(dataset: Dataset, transform: TrainTransform) -> None:

@@ -79,7 +79,7 @@ def test_served_deployment_runs_through_the_api(prefect_server, repro_demo, tmp_
         "student_2",
     }
     assert dvc_status(project) == {}
-    assert os.path.exists(project / "pseudo_labels/student_2.csv")
+    assert os.path.exists(project / "pseudo_labels/student_2.parquet")
     assert loop_results(project) == loop_results(repro_demo[0])
     runs = mlflow_runs(project)
     parents = [r for r in runs if r.data.tags.get("stage") == "flow"]

@@ -130,7 +130,7 @@ def test_flow_run_is_versioned_like_dvc_repro(flow_demo, repro_demo):
     assert all(f"Stage '{s}' didn't change, skipping" in output for s in STAGES[1:])
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert list(lock["stages"]) == STAGES
-    assert lock["stages"]["pseudo_label@1"]["outs"][0]["path"] == "pseudo_labels/student_2.csv"
+    assert lock["stages"]["pseudo_label@1"]["outs"][0]["path"] == "pseudo_labels/student_2.parquet"
     experiments = run(["dvc", "exp", "list", "--names-only"], project).stdout.split()
     assert state.state_details.flow_run_id is not None
     name = flow_run_name(state)
@@ -226,7 +226,9 @@ def test_overrides_apply_to_one_run_only(flow_demo, tmp_path):
     assert not student_1["promoted"] and student_1["best"] == "teacher"
     pseudo = project / "pseudo_labels"
     assert json.loads((pseudo / "student_2.json").read_text())["teacher"] == "teacher"
-    assert (pseudo / "student_2.csv").read_bytes() == (pseudo / "student_1.csv").read_bytes()
+    assert (pseudo / "student_2.parquet").read_bytes() == (
+        pseudo / "student_1.parquet"
+    ).read_bytes()
     final = json.loads((project / "models/student_2/standing.json").read_text())
     store = mlflow.MlflowClient(f"sqlite:///{project}/mlflow.db")
     parent = store.get_run(state.result()["mlflow_run_id"])

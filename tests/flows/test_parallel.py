@@ -36,7 +36,7 @@ def test_sharded_pseudo_labels_on_dask_equal_the_single_process_ones(flow_demo, 
     assert outcomes(state)["pseudo_label@0"] == "ran"
     sharded = {
         name: (project / "pseudo_labels" / name).read_bytes()
-        for name in ("student_1.csv", "student_1.json")
+        for name in ("student_1.parquet", "student_1.json")
     }
     assert not list((project / "pseudo_labels").glob(".*shards"))  # merged, then removed
     with get_client(sync_client=True) as client:

@@ -185,7 +185,7 @@ def loop_results(project: Path) -> dict[str, bytes]:
     files = [
         *project.glob("models/*/*.safetensors"),
         *project.glob("models/*/standing.json"),
-        *project.glob("pseudo_labels/*.csv"),
+        *project.glob("pseudo_labels/*.parquet"),
     ]
     return {str(f.relative_to(project)): f.read_bytes() for f in sorted(files)}
 

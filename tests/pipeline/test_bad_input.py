@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import timm
 import yaml
@@ -248,19 +249,21 @@ def test_threshold_that_keeps_no_pseudo_label(project, tmp_path, capsys, monkeyp
     copy = with_params(project, tmp_path, lambda p: p["pseudo_label"].update(threshold=1.0))
     code, lines = invoke("tasks.pseudo_label", ["student_1"], copy, capsys, monkeypatch)
     assert_one_line_error(code, lines, "pseudo_label.threshold=1.0 keeps none of 1049")
-    assert_nothing_written(copy / "pseudo_labels" / "student_1.csv")
+    assert_nothing_written(copy / "pseudo_labels" / "student_1.parquet")
 
 
 def test_pseudo_labels_of_another_pool(project, tmp_path, capsys, monkeypatch):
     copy = with_params(project, tmp_path, lambda p: p["pseudo_label"].update(threshold=0.0))
     code, _ = invoke("tasks.pseudo_label", ["student_1"], copy, capsys, monkeypatch)
     assert code == 0
-    table = copy / "pseudo_labels" / "student_1.csv"
-    lines = table.read_text().splitlines()
-    table.write_text("\n".join([lines[0], *lines[2:], lines[1]]) + "\n")  # rows out of order
+    table = copy / "pseudo_labels" / "student_1.parquet"
+    rows = pd.read_parquet(table)
+    rows.iloc[[*range(1, len(rows)), 0]].to_parquet(table, index=False)  # rows out of order
     args = ["--name", "student_1"]
     code, lines = invoke("tasks.train_student", args, copy, capsys, monkeypatch)
-    assert_one_line_error(code, lines, "student_1.csv: rows do not match the prepared unlabeled")
+    assert_one_line_error(
+        code, lines, "student_1.parquet: rows do not match the prepared unlabeled"
+    )
     assert_nothing_written(copy / "models" / "student_1")
 
 

@@ -58,7 +58,7 @@ def test_repro_runs_every_stage_in_order(repro_demo):
 def test_pseudo_label_table(repro_demo):
     project, _ = repro_demo
     pool = pd.read_csv(project / "data/prepared/unlabeled/index.csv")
-    table = pd.read_csv(project / "pseudo_labels/student_1.csv", dtype={"id": str})
+    table = pd.read_parquet(project / "pseudo_labels/student_1.parquet")
     prob_cols = [f"p_{i}" for i in range(10)]
     assert list(table.columns) == [
         "id",
@@ -179,7 +179,7 @@ def test_second_repro_skips_everything(repro_demo):
         "data/prepared",
         "models/teacher",
         "models/student_2",
-        "pseudo_labels/student_1.csv",
+        "pseudo_labels/student_1.parquet",
     } <= outs
 
 
@@ -187,8 +187,8 @@ def test_same_params_and_data_give_the_same_pseudo_labels(repro_demo, tmp_path):
     project, _ = repro_demo
     twin = make_project(tmp_path / "twin", quick(load_params()))
     run(["dvc", "repro", "pseudo_label@0"], twin)
-    a = (project / "pseudo_labels/student_1.csv").read_bytes()
-    b = (twin / "pseudo_labels/student_1.csv").read_bytes()
+    a = (project / "pseudo_labels/student_1.parquet").read_bytes()
+    b = (twin / "pseudo_labels/student_1.parquet").read_bytes()
     assert a == b
 
 
@@ -268,6 +268,8 @@ def test_users_own_folders(tmp_path):
     params["teacher"]["epochs"] = 3
     params["students"][0]["epochs"] = 1
     params["pseudo_label"]["threshold"] = 0.0  # three classes of 6 images: keep every label
+    # the table keeps each image's two largest probabilities; the student learns from them
+    params["pseudo_label"].update(top_k=2, probs="float16", labels="soft")
     project = make_project(tmp_path / "project", params)
     output = run(["dvc", "repro"], project)
     assert ran(output.stdout) == ONE_ROUND
@@ -275,8 +277,11 @@ def test_users_own_folders(tmp_path):
     assert len(list((project / "data/prepared/unlabeled").glob("images-*.arrow"))) == 4  # 30 / 8
     metrics = json.loads((project / "metrics.json").read_text())
     assert list(metrics) == ["teacher", "student_1"]
-    table = pd.read_csv(project / "pseudo_labels/student_1.csv")
+    table = pd.read_parquet(project / "pseudo_labels/student_1.parquet")
     assert len(table) == 30 and set(table["pred_class"]) <= {"class_0", "class_1", "class_2"}
+    assert not any(c.startswith("p_") for c in table.columns)
+    assert table["top_probs"].map(len).eq(2).all() and table["top_probs"].iloc[0].dtype == "float16"
+    assert (table["top_classes"].map(lambda c: c[0]) == table["pred"]).all()
     summary = json.loads((project / "pseudo_labels/student_1.json").read_text())
     assert "kept_accuracy" not in summary  # the pool's truth is unknown
     rounds = pd.read_csv(project / "reports/plots/rounds.csv")
@@ -341,9 +346,11 @@ def test_a_round_that_does_not_pay_is_not_promoted_and_the_loop_stops(repro_demo
     # round 2 learned from the teacher, not from the student that did not pay
     pseudo = project / "pseudo_labels"
     assert json.loads((pseudo / "student_2.json").read_text())["teacher"] == "teacher"
-    assert (pseudo / "student_2.csv").read_bytes() == (pseudo / "student_1.csv").read_bytes()
+    assert (pseudo / "student_2.parquet").read_bytes() == (
+        pseudo / "student_1.parquet"
+    ).read_bytes()
     assert json.loads((pseudo / "student_3.json").read_text())["stopped"] is True
-    assert len(pd.read_csv(pseudo / "student_3.csv")) == 0
+    assert len(pd.read_parquet(pseudo / "student_3.parquet")) == 0
 
     # export, predict, the registry and the report agree: the teacher is the champion
     assert registry_champion(project) == "teacher"

@@ -49,7 +49,7 @@ def test_killed_training_resumes_and_ends_as_if_never_killed(killed, repro_demo,
 
     for path in (
         "models/teacher/model.safetensors",
-        "pseudo_labels/student_1.csv",
+        "pseudo_labels/student_1.parquet",
         "pseudo_labels/student_1.json",
         "models/student_1/model.safetensors",
         "metrics.json",

@@ -125,6 +125,6 @@ def test_a_second_machine_reproduces_from_the_remote_and_runs_go_to_the_server(
     assert dvc_status(second) == {}
     output = run(["dvc", "repro"], second).stdout
     assert ran(output) == [SCAN]  # it finds the same data: nothing else runs
-    for path in ("metrics.json", "pseudo_labels/student_1.csv", "models/student_1/card.json"):
+    for path in ("metrics.json", "pseudo_labels/student_1.parquet", "models/student_1/card.json"):
         assert (second / path).read_bytes() == (first / path).read_bytes(), path
     assert Path(second / "models/teacher/model.safetensors").exists()

@@ -22,8 +22,8 @@ def test_the_filter_holds_out_the_pool_rows_above_the_validation_cut(trained_pro
         layout = Layout.at().replace(pseudo_labels=tmp_path)
         summary = pseudo_label(settings, "student_1", layout)
         val_energy = validation_energy(settings, "teacher", layout)
-        unfiltered = pd.read_csv(Layout.at().pseudo_table("student_1"), dtype={"id": str})
-    table = pd.read_csv(layout.pseudo_table("student_1"), dtype={"id": str})
+        unfiltered = pd.read_parquet(Layout.at().pseudo_table("student_1"))
+    table = pd.read_parquet(layout.pseudo_table("student_1"))
     cut = summary["energy_cut"]
     assert (val_energy <= cut).mean() >= 0.9 and cut in val_energy
     assert (table["foreign"] == (table["energy"] > cut)).all()

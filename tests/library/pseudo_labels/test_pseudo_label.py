@@ -9,10 +9,11 @@ import torch
 
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.settings import PseudoLabelSettings
+from noisy_student.data.sparse import SparseRows
 from noisy_student.data.splits import UNKNOWN, Split
-from noisy_student.pseudo_labels.labeling import label_rows
+from noisy_student.pseudo_labels.labeling import label_rows, table_rows
 from noisy_student.pseudo_labels.selection import balance_copies, select, summarize
-from noisy_student.pseudo_labels.table import append_csv, load_pseudo_labels, write_with_copies
+from noisy_student.pseudo_labels.table import TableWriter, load_pseudo_labels, write_with_copies
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -38,7 +39,8 @@ PROBS = torch.tensor(
 
 
 def test_rows_carry_prediction_confidence_kept_and_full_distribution():
-    table = label_rows(PROBS, [f"img_{i}" for i in range(4)], CLASSES, threshold=0.8)
+    ids = [f"img_{i}" for i in range(4)]
+    table = table_rows(PROBS, ids, CLASSES, settings(0.8, probs="float32")).to_pandas()
     assert table["pred"].tolist() == [0, 0, 1, 2]
     assert table["pred_class"].tolist() == ["cat", "cat", "dog", "fox"]
     assert table["kept"].tolist() == [True, False, True, True]  # >= threshold is kept
@@ -47,7 +49,13 @@ def test_rows_carry_prediction_confidence_kept_and_full_distribution():
     np.testing.assert_allclose(probs, PROBS.numpy())
 
 
-def settings(threshold: float, balance: bool = False, per_class: int | None = None):
+def settings(
+    threshold: float,
+    balance: bool = False,
+    per_class: int | None = None,
+    probs: str = "float32",
+    top_k: int | None = None,
+):
     return PseudoLabelSettings(
         threshold=threshold,
         labels="hard",
@@ -57,7 +65,16 @@ def settings(threshold: float, balance: bool = False, per_class: int | None = No
         batch_size=8,
         shards=1,
         ood_filter=None,
+        probs=probs,
+        top_k=top_k,
     )
+
+
+def write_rows(path, *parts) -> None:
+    """Row groups, one per part, as the stage streams them batch by batch."""
+    with TableWriter(path) as writer:
+        for part in parts:
+            writer.write(part)
 
 
 def selected(threshold: float, **kwargs):
@@ -106,14 +123,13 @@ def test_balancing_without_a_target_uses_the_mean_kept_count():
 
 
 def test_table_with_copies_round_trips_to_training_items(tmp_path):
-    table = label_rows(PROBS, [f"img_{i}" for i in range(4)], CLASSES, threshold=0.8)
-    rows = tmp_path / "rows.csv"
-    table.iloc[:2].to_csv(rows, index=False)  # written in two batches, as the stage streams
-    table.iloc[2:].to_csv(rows, mode="a", header=False, index=False)
+    table = table_rows(PROBS, [f"img_{i}" for i in range(4)], CLASSES, settings(0.8))
+    rows = tmp_path / "rows.parquet"
+    write_rows(rows, table.slice(0, 2), table.slice(2))
     copies = np.array([2, 0, 1, 3])
-    out = tmp_path / "student_1.csv"
+    out = tmp_path / "student_1.parquet"
     write_with_copies([rows], out, copies)
-    written = pd.read_csv(out)
+    written = pd.read_parquet(out)
     assert written["copies"].tolist() == [2, 0, 1, 3]
     assert written["kept"].tolist() == [True, False, True, True]
     labels = load_pseudo_labels(out, pool([0, 0, 1, 0]), CLASSES)
@@ -122,33 +138,63 @@ def test_table_with_copies_round_trips_to_training_items(tmp_path):
     np.testing.assert_allclose(labels.probs[2], PROBS[2].numpy(), rtol=1e-5)
 
 
-def test_streamed_table_keeps_class_names_as_text_and_float32_probabilities_exactly(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_table_keeps_class_names_as_text_and_probabilities_at_their_precision(tmp_path, dtype):
     classes = ["007", "010", "1e3"]  # folder names that read as numbers unless kept as text
-    table = label_rows(PROBS, [f"img_{i}" for i in range(4)], classes, threshold=0.8)
-    rows = tmp_path / "rows.csv"
-    append_csv(table.iloc[:3], rows, header=True)  # as the stage streams, batch by batch
-    append_csv(table.iloc[3:], rows, header=False)
-    out = tmp_path / "student_1.csv"
+    table = table_rows(PROBS, [f"img_{i}" for i in range(4)], classes, settings(0.8, probs=dtype))
+    rows = tmp_path / "rows.parquet"
+    write_rows(rows, table.slice(0, 3), table.slice(3))
+    out = tmp_path / "student_1.parquet"
     write_with_copies([rows], out, np.array([1, 0, 1, 1]))
-    written = pd.read_csv(out, dtype={"id": str, "pred_class": str})
+    written = pd.read_parquet(out)
     assert written["pred_class"].tolist() == ["007", "007", "010", "1e3"]
-    probs = written[[f"p_{c}" for c in classes]].to_numpy().astype(np.float32)
-    assert (probs == PROBS.numpy()).all()  # shortest round-trip text: no digits lost
+    probs = written[[f"p_{c}" for c in classes]].to_numpy()
+    assert probs.dtype == dtype and (probs == PROBS.numpy().astype(dtype)).all()
+    assert (written["confidence"].to_numpy() == PROBS.numpy().max(axis=1)).all()  # float32
     labels = load_pseudo_labels(out, pool([0, 0, 1, 0]), classes)
     assert labels.indices.tolist() == [0, 2, 3]
+    np.testing.assert_allclose(labels.probs, PROBS.numpy()[[0, 2, 3]], atol=5e-4)
+
+
+def test_a_top_k_table_holds_k_numbers_an_image_and_trains_on_them(tmp_path):
+    """pseudo_label.top_k: the table and the student's items hold k probabilities per image,
+    the targets are the dense ones over those k."""
+    from noisy_student.losses.mixing import one_hot, sharpen
+
+    cfg = settings(0.8, probs="float16", top_k=2)
+    table = table_rows(PROBS, [f"img_{i}" for i in range(4)], CLASSES, cfg)
+    assert [c for c in table.column_names if c.startswith(("p_", "top_"))] == [
+        "top_classes",
+        "top_probs",
+    ]
+    out = tmp_path / "student_1.parquet"
+    write_rows(tmp_path / "rows.parquet", table)
+    write_with_copies([tmp_path / "rows.parquet"], out, np.array([2, 0, 1, 1]))
+    labels = load_pseudo_labels(out, pool([0, 0, 1, 0]), CLASSES)
+    assert isinstance(labels.probs, SparseRows) and labels.probs.values.shape == (4, 2)
+    assert labels.probs.columns.tolist() == [[0, 1], [0, 1], [1, 0], [2, 1]]  # ties: lower first
+    truncated = PROBS.numpy()[[0, 0, 2, 3]].copy()
+    truncated[np.arange(4), [2, 2, 2, 0]] = 0.0  # each row's smallest
+    np.testing.assert_allclose(labels.probs.dense(), truncated, atol=5e-4)
+    np.testing.assert_allclose(
+        labels.probs.sharpened(0.5).dense(), sharpen(labels.probs.dense(), 0.5), atol=1e-6
+    )
+    hard = SparseRows.one_hot(labels.hard, 3, smoothing=0.1)
+    np.testing.assert_allclose(hard.dense(), one_hot(labels.hard, 3, 0.1), atol=1e-7)
+    assert np.array_equal(hard[2], hard.dense()[2]) and hard[2].dtype == np.float32
 
 
 def test_a_table_of_another_pool_is_refused(tmp_path):
-    table = label_rows(PROBS, ["a", "b", "c", "d"], CLASSES, threshold=0.8)
-    table.insert(5, "copies", 1)
-    table.to_csv(tmp_path / "t.csv", index=False)
+    table = table_rows(PROBS, ["a", "b", "c", "d"], CLASSES, settings(0.8))
+    write_rows(tmp_path / "rows.parquet", table)
+    write_with_copies([tmp_path / "rows.parquet"], tmp_path / "t.parquet", np.ones(4, np.int64))
     with pytest.raises(PipelineError, match="do not match the prepared unlabeled pool"):
-        load_pseudo_labels(tmp_path / "t.csv", pool([0, 0, 1, 0]), CLASSES)
+        load_pseudo_labels(tmp_path / "t.parquet", pool([0, 0, 1, 0]), CLASSES)
     with pytest.raises(PipelineError, match="not found"):
-        load_pseudo_labels(tmp_path / "missing.csv", pool([0]), CLASSES)
-    table.drop(columns="copies").to_csv(tmp_path / "old.csv", index=False)
+        load_pseudo_labels(tmp_path / "missing.parquet", pool([0]), CLASSES)
+    write_rows(tmp_path / "old.parquet", table)  # no copies column
     with pytest.raises(PipelineError, match=r"missing column\(s\) \['copies'\]"):
-        load_pseudo_labels(tmp_path / "old.csv", pool([0, 0, 1, 0]), CLASSES)
+        load_pseudo_labels(tmp_path / "old.parquet", pool([0, 0, 1, 0]), CLASSES)
 
 
 def test_shards_are_whole_batches_covering_the_pool_once():
@@ -168,11 +214,13 @@ def test_energy_sits_beside_the_confidence_and_the_filter_flag_beside_it(tmp_pat
     energy = torch.tensor([-9.0, -2.0, -8.0, -1.0])
     table = label_rows(PROBS, [f"img_{i}" for i in range(4)], CLASSES, 0.8, energy)
     assert list(table.columns[:6]) == ["id", "pred", "pred_class", "confidence", "energy", "kept"]
-    rows = tmp_path / "rows.csv"
-    append_csv(table, rows, header=True)
-    out = tmp_path / "student_1.csv"
+    rows = tmp_path / "rows.parquet"
+    write_rows(
+        rows, table_rows(PROBS, [f"img_{i}" for i in range(4)], CLASSES, settings(0.8), energy)
+    )
+    out = tmp_path / "student_1.parquet"
     write_with_copies([rows], out, np.array([1, 0, 1, 0]), np.array([False, True, False, True]))
-    written = pd.read_csv(out)
+    written = pd.read_parquet(out)
     assert list(written.columns[4:8]) == ["energy", "foreign", "kept", "copies"]
     assert written["foreign"].tolist() == [False, True, False, True]
     assert (written["energy"].to_numpy(np.float32) == energy.numpy()).all()

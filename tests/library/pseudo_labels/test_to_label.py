@@ -35,7 +35,7 @@ def test_the_picked_images_are_the_least_confident_ones_the_table_holds(trained_
         layout = Layout.at()
         picked = to_label(settings, layout, count=12, model="teacher", out=tmp_path / "next")
         # the teacher labeled the pool for student_1: its table holds the same confidences
-        table = pd.read_csv(layout.pseudo_table("student_1"), dtype={"id": str})
+        table = pd.read_parquet(layout.pseudo_table("student_1"))
     assert len(picked) == 12 and picked["rank"].tolist() == list(range(1, 13))
     mine = table.set_index("id").loc[picked["id"]]
     assert picked["confidence"].to_numpy() == pytest.approx(mine["confidence"].to_numpy(), abs=1e-5)

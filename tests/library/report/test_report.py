@@ -253,8 +253,8 @@ def test_missing_inputs_are_one_line_errors(trained_project, tmp_path):
 def test_a_stale_pseudo_label_table_is_refused(trained_project, tmp_path):
     pseudo = tmp_path / "pseudo_labels"
     shutil.copytree(trained_project / "pseudo_labels", pseudo)
-    table = pd.read_csv(pseudo / "student_1.csv", dtype={"id": str})
-    table.iloc[:-1].to_csv(pseudo / "student_1.csv", index=False)
+    table = pd.read_parquet(pseudo / "student_1.parquet")
+    table.iloc[:-1].to_parquet(pseudo / "student_1.parquet", index=False)
     layout = Layout.at(trained_project).replace(pseudo_labels=pseudo, plots=tmp_path / "p")
     with contextlib.chdir(trained_project), pytest.raises(PipelineError, match="do not match"):
         report(load_settings(), layout)
