@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 import yaml
 
@@ -66,8 +67,9 @@ from noisy_student.core.settings import PARAMS_FILE, Settings, load_settings
 from noisy_student.data.splits import UNKNOWN, Split, load_classes, load_split
 from noisy_student.evaluation.evaluate import evaluate
 from noisy_student.models import promotion
-from noisy_student.pseudo_labels.labeling import label_rows
+from noisy_student.pseudo_labels.labeling import table_rows
 from noisy_student.pseudo_labels.selection import summarize
+from noisy_student.pseudo_labels.table import TableWriter
 from noisy_student.recipes import load_recipe
 from noisy_student.tracking.registry import register_models
 from noisy_student.training.train import train
@@ -244,15 +246,19 @@ def pool_truth(pool: Split, classes: list[str]) -> np.ndarray | None:
 
 def write_truth_table(settings: Settings, name: str, layout: Layout, truth: np.ndarray) -> dict:
     """A pseudo-label table whose labels are the truth, every row kept once (the columns of the
-    pseudo_label stage's table, built by its own ``label_rows`` of
+    pseudo_label stage's table, built by its own ``table_rows`` of
     noisy_student/pseudo_labels/labeling.py, summarized by ``summarize`` of selection.py)."""
     classes = load_classes(layout.prepared)
     pool = load_split("unlabeled", layout.prepared)
     probs = torch.nn.functional.one_hot(torch.tensor(truth), len(classes)).float()
-    table = label_rows(probs, pool.ids, classes, threshold=0.0)
-    table.insert(table.columns.get_loc("kept") + 1, "copies", np.ones(len(table), np.int64))
-    with atomic_path(layout.pseudo_table(name)) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
+    cfg = settings.pseudo_label.model_copy(update={"threshold": 0.0})
+    rows = table_rows(probs, pool.ids, classes, cfg)
+    rows = rows.add_column(
+        rows.schema.get_field_index("kept") + 1, "copies", pa.array(np.ones(len(pool), np.int64))
+    )
+    with atomic_path(layout.pseudo_table(name)) as tmp, TableWriter(tmp) as writer:
+        writer.write(rows)
+    table = rows.to_pandas()
     summary = summarize(
         table, dataclasses.replace(pool, true_labels=truth), classes, settings.pseudo_label
     )

@@ -10,7 +10,7 @@ per image (data/sparse.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -98,22 +98,44 @@ def write_with_copies(
 ) -> None:
     """Write the rows with ``kept``/``copies`` set from the selection (and ``foreign``, the
     out-of-class filter's flag, where it ran), pass by pass (balancing needs every row's
-    confidence first; the table itself may not fit in memory)."""
-    start = 0
+    confidence first; the table itself may not fit in memory). Row groups of CHUNK_ROWS
+    whatever the files: however many shards labeled the pool, the same bytes."""
     with TableWriter(out) as writer:
-        for path in row_files:
-            for batch in batches(path):
-                table = pa.Table.from_batches([batch])
-                part = copies[start : start + table.num_rows]
-                at = table.schema.get_field_index("kept")
-                table = table.set_column(at, "kept", pa.array(part > 0))
-                if foreign is not None:
-                    flags = foreign[start : start + table.num_rows]
-                    table = table.add_column(at, "foreign", pa.array(flags, pa.bool_()))
-                    at += 1
-                table = table.add_column(at + 1, "copies", pa.array(part.astype(np.int64)))
-                writer.write(table)
-                start += table.num_rows
+        for table in rechunked(_with_copies(row_files, copies, foreign), CHUNK_ROWS):
+            writer.write(table)
+
+
+def _with_copies(
+    row_files: list[Path], copies: np.ndarray, foreign: np.ndarray | None
+) -> Iterator[pa.Table]:
+    start = 0
+    for path in row_files:
+        for batch in batches(path):
+            table = pa.Table.from_batches([batch])
+            part = copies[start : start + table.num_rows]
+            at = table.schema.get_field_index("kept")
+            table = table.set_column(at, "kept", pa.array(part > 0))
+            if foreign is not None:
+                flags = foreign[start : start + table.num_rows]
+                table = table.add_column(at, "foreign", pa.array(flags, pa.bool_()))
+                at += 1
+            yield table.add_column(at + 1, "copies", pa.array(part.astype(np.int64)))
+            start += table.num_rows
+
+
+def rechunked(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The same rows, in contiguous tables of ``rows`` each (the last one shorter)."""
+    pending: list[pa.Table] = []
+    count = 0
+    for table in tables:
+        pending.append(table)
+        count += table.num_rows
+        while count >= rows:
+            whole = pa.concat_tables(pending)
+            yield whole.slice(0, rows).combine_chunks()
+            pending, count = [whole.slice(rows)], count - rows
+    if count:
+        yield pa.concat_tables(pending).combine_chunks()
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,8 @@ def test_flow_run_is_versioned_like_dvc_repro(flow_demo, repro_demo):
     assert all(f"Stage '{s}' didn't change, skipping" in output for s in STAGES[1:])
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert list(lock["stages"]) == STAGES
-    assert lock["stages"]["pseudo_label@1"]["outs"][0]["path"] == "pseudo_labels/student_2.parquet"
+    outs = [out["path"] for out in lock["stages"]["pseudo_label@1"]["outs"]]
+    assert "pseudo_labels/student_2.parquet" in outs
     experiments = run(["dvc", "exp", "list", "--names-only"], project).stdout.split()
     assert state.state_details.flow_run_id is not None
     name = flow_run_name(state)

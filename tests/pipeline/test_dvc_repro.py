@@ -73,8 +73,11 @@ def test_pseudo_label_table(repro_demo):
     assert table["energy"].notna().all()  # the filter is off by default: no `foreign` column
     assert ((table["copies"] > 0) == table["kept"]).all()  # a kept row trains at least once
     assert table["id"].tolist() == pool["id"].tolist()
-    np.testing.assert_allclose(table[prob_cols].sum(axis=1), 1.0, atol=1e-4)
-    np.testing.assert_allclose(table[prob_cols].max(axis=1), table["confidence"], atol=1e-5)
+    # float16 probabilities (pseudo_label.probs): 11 significant bits; confidence stays float32
+    assert (table[prob_cols].dtypes == "float16").all() and table["confidence"].dtype == "float32"
+    probs = table[prob_cols].to_numpy(np.float64)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=2e-3)
+    np.testing.assert_allclose(probs.max(axis=1), table["confidence"], atol=5e-4)
     threshold = quick(load_params())["pseudo_label"]["threshold"]
     # the CSV rounds to 6 digits; class balancing (the default) may leave out confident rows of
     # a frequent class, never keep one below the threshold

@@ -250,3 +250,16 @@ def test_the_energy_cut_passes_at_least_the_share_of_validation_asked(keep):
     passing = (~foreign_rows(val, cut)).mean()
     assert keep <= passing < keep + 1 / 179 + 1e-9
     assert cut in val  # one of the validation energies: no interpolation between them
+
+
+def test_the_table_has_the_same_bytes_however_many_shards_labeled_the_pool(tmp_path):
+    table = table_rows(PROBS, [f"img_{i}" for i in range(4)], CLASSES, settings(0.8))
+    write_rows(tmp_path / "a.parquet", table.slice(0, 1), table.slice(1, 2))
+    write_rows(tmp_path / "b.parquet", table.slice(3))
+    write_rows(tmp_path / "whole.parquet", table)
+    copies = np.array([1, 0, 2, 1])
+    write_with_copies(
+        [tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "s.parquet", copies
+    )
+    write_with_copies([tmp_path / "whole.parquet"], tmp_path / "one.parquet", copies)
+    assert (tmp_path / "s.parquet").read_bytes() == (tmp_path / "one.parquet").read_bytes()
