@@ -10,7 +10,7 @@ per image (data/sparse.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -34,7 +34,8 @@ def probability_columns(
     """The teacher's distributions (float32, N x classes) as table columns: ``p_<class>`` each,
     or the ``top_k`` largest, largest first (ties: the lower class index first)."""
     if top_k is None:
-        return {f"p_{c}": pa.array(probs[:, k].astype(dtype)) for k, c in enumerate(classes)}
+        columns = np.asfortranarray(probs.astype(dtype))  # each class's column contiguous
+        return {f"p_{c}": pa.array(columns[:, k]) for k, c in enumerate(classes)}
     k = min(top_k, len(classes))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     top = np.take_along_axis(probs, order, axis=1)
@@ -47,18 +48,28 @@ def probability_columns(
 def arrow_table(table: pd.DataFrame, extra: dict[str, pa.Array] | None = None) -> pa.Table:
     """``table``'s columns then ``extra``'s, without pandas' schema metadata (which would name a
     pandas version in every file, and go stale as columns are added)."""
-    out = pa.Table.from_pandas(table, preserve_index=False).replace_schema_metadata(None)
-    for name, column in (extra or {}).items():
-        out = out.append_column(name, column)
-    return out
+    out = pa.Table.from_pandas(table, preserve_index=False)
+    extra = extra or {}
+    return pa.Table.from_arrays([*out.columns, *extra.values()], names=[*out.column_names, *extra])
+
+
+def group_rows(schema: pa.Schema) -> int:
+    """Rows per row group: CHUNK_ROWS, fewer for wide tables (about 16 M values a group, so a
+    1,000-class table buffers ~64 MB). Fixed by the columns alone, so the same table has the
+    same row groups however it was written."""
+    return max(1024, min(CHUNK_ROWS, 2**24 // len(schema)))
 
 
 class TableWriter:
-    """Appends tables to one Parquet file, one row group each (opened with the first)."""
+    """Appends tables to one Parquet file (opened with the first), in row groups of
+    ``group_rows`` whatever the size of the tables handed in: one row group per batch of 256
+    images would cost a page header per column per batch."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.writer: pq.ParquetWriter | None = None
+        self.pending: list[pa.Table] = []
+        self.count = 0
 
     def write(self, table: pa.Table) -> None:
         if self.writer is None:
@@ -66,7 +77,13 @@ class TableWriter:
             # would hold every value once and then index it, larger than the values themselves
             dictionary = [c for c in ("pred_class",) if c in table.column_names]
             self.writer = pq.ParquetWriter(self.path, table.schema, use_dictionary=dictionary)
-        self.writer.write_table(table)
+            self.rows = group_rows(table.schema)
+        self.pending.append(table)
+        self.count += table.num_rows
+        while self.count >= self.rows:
+            whole = pa.concat_tables(self.pending)
+            self.writer.write_table(whole.slice(0, self.rows).combine_chunks())
+            self.pending, self.count = [whole.slice(self.rows)], self.count - self.rows
 
     def __enter__(self) -> TableWriter:
         return self
@@ -74,8 +91,11 @@ class TableWriter:
     def __exit__(
         self, kind: type | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.writer is None:
+            return
+        if self.count and kind is None:
+            self.writer.write_table(pa.concat_tables(self.pending).combine_chunks())
+        self.writer.close()
 
 
 def write_empty(path: Path, schema: pa.Schema) -> None:
@@ -98,10 +118,10 @@ def write_with_copies(
 ) -> None:
     """Write the rows with ``kept``/``copies`` set from the selection (and ``foreign``, the
     out-of-class filter's flag, where it ran), pass by pass (balancing needs every row's
-    confidence first; the table itself may not fit in memory). Row groups of CHUNK_ROWS
-    whatever the files: however many shards labeled the pool, the same bytes."""
+    confidence first; the table itself may not fit in memory). TableWriter's row groups do not
+    depend on the files: however many shards labeled the pool, the same bytes."""
     with TableWriter(out) as writer:
-        for table in rechunked(_with_copies(row_files, copies, foreign), CHUNK_ROWS):
+        for table in _with_copies(row_files, copies, foreign):
             writer.write(table)
 
 
@@ -121,21 +141,6 @@ def _with_copies(
                 at += 1
             yield table.add_column(at + 1, "copies", pa.array(part.astype(np.int64)))
             start += table.num_rows
-
-
-def rechunked(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
-    """The same rows, in contiguous tables of ``rows`` each (the last one shorter)."""
-    pending: list[pa.Table] = []
-    count = 0
-    for table in tables:
-        pending.append(table)
-        count += table.num_rows
-        while count >= rows:
-            whole = pa.concat_tables(pending)
-            yield whole.slice(0, rows).combine_chunks()
-            pending, count = [whole.slice(rows)], count - rows
-    if count:
-        yield pa.concat_tables(pending).combine_chunks()
 
 
 @dataclass(frozen=True)
