@@ -16,7 +16,12 @@ data as `dvc repro` does it. Measured:
   ``reflink,copy`` on a file system without reflinks, as ext4 here);
 - prepare: images/s of the stage function (wall);
 - reading: images/s of one pass over the pool split, as the loaders read it (``split.images[i]``,
-  decoded and resized for ``encoded``; a memory-mapped slice for ``arrays``).
+  decoded and viewed as evaluation views it for ``encoded``; a memory-mapped slice for
+  ``arrays``);
+- pseudo-labeling (with the product's cache links): the real pseudo_label stage function over
+  the pool, an untrained ``teacher.model`` of params.yaml at ``image_size`` (its weights do not
+  change its speed), on the CPU, with 0 and 2 DataLoader workers: images/s, and the peak growth
+  of the process's own memory (RssAnon, sampled every 10 ms as bench.scale samples it).
 
 Results: ``<out>/storage.json`` and ``storage.md``.
 """
@@ -73,7 +78,7 @@ def project(root: Path, links: str) -> Path:
 
 
 def measure(
-    photos: Path, params: dict, storage: str, workers: int, links: str, work: Path
+    photos: Path, params: dict, storage: str, workers: int, links: str, work: Path, label: bool
 ) -> dict[str, Any]:
     from noisy_student.data.prepare import prepare
     from noisy_student.data.splits import load_split
@@ -92,7 +97,8 @@ def measure(
         np.array(pool.images[i])  # the pixels, copied out as a loader takes them
     read_s = time.perf_counter() - start
     images = sum(counts.values())
-    return {
+    labeling = label_runs(settings, layout) if label else {}
+    return labeling | {
         "storage": storage,
         "workers": workers,
         "cache_links": links,
@@ -102,6 +108,38 @@ def measure(
         "prepare_images_per_s": images / prepare_s,
         "read_images_per_s": len(pool) / read_s,
     }
+
+
+def label_runs(settings: Settings, layout: Layout) -> dict[str, Any]:
+    """Pseudo-labeling the prepared pool: images/s and peak RssAnon growth, per loader workers."""
+    from bench.scale import PeakSampler, status_kb
+    from bench.synthetic import write_model
+    from noisy_student.data.splits import load_classes
+    from noisy_student.pseudo_labels.labeling import pseudo_label
+
+    write_model(layout.model("teacher"), settings.teacher, settings.data.image_size,
+                load_classes(layout.prepared))  # fmt: skip
+    pool = sum(1 for _ in (layout.prepared / "unlabeled" / "index.csv").open()) - 1
+    out: dict[str, Any] = {}
+    for workers in (0, 2):
+        changed = settings.model_copy(
+            update={
+                "runtime": settings.runtime.model_copy(
+                    update={"device": "cpu", "num_workers": workers}
+                ),
+                "pseudo_label": settings.pseudo_label.model_copy(update={"threshold": 0.0}),
+            }
+        )
+        before = status_kb()["RssAnon"]
+        sampler = PeakSampler()
+        sampler.start()
+        start = time.perf_counter()
+        pseudo_label(changed, settings.students[0].name, layout)
+        seconds = time.perf_counter() - start
+        peak = sampler.stop()["RssAnon"]
+        out[f"label_images_per_s_w{workers}"] = pool / seconds
+        out[f"label_rss_anon_growth_mb_w{workers}"] = (peak - before) / 1024
+    return out
 
 
 def run(
@@ -135,7 +173,8 @@ def run(
             cases += [(s, workers[-1], "reflink,copy") for s in ("arrays", "encoded")]
             for k, (storage, n, links) in enumerate(cases):
                 log.info("%d photos: %s, %d decode threads, cache %s", count, storage, n, links)
-                runs.append(measure(photos, params, storage, n, links, tmp / f"p{k}"))
+                label = links == "hardlink,copy" and n == workers[-1]
+                runs.append(measure(photos, params, storage, n, links, tmp / f"p{k}", label))
                 shutil.rmtree(tmp / f"p{k}")
             results.append({"photos": files, "source_bytes": source, "pool": count, "runs": runs})
     result = {
@@ -152,6 +191,12 @@ def run(
     return result
 
 
+def labeled(run: dict[str, Any], key: str, spec: str) -> str:
+    if f"{key}_w0" not in run:
+        return ""
+    return f"{run[f'{key}_w0']:{spec}} / {run[f'{key}_w2']:{spec}}"
+
+
 def render(result: dict[str, Any]) -> str:
     head = (
         f"Device: {result['device']}; photos of {result['photo_sides'][0]}-"
@@ -160,8 +205,9 @@ def render(result: dict[str, Any]) -> str:
     )
     lines = [
         "| photos | source MB | storage | DVC cache links | decode threads | prepared MB "
-        "| prepared + cache MB | x source | prepare images/s | read images/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| prepared + cache MB | x source | prepare images/s | read images/s "
+        "| pseudo-label images/s, 0 / 2 workers | its RssAnon growth MB, 0 / 2 workers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for pool in result["pools"]:
         src = pool["source_bytes"]
@@ -171,7 +217,9 @@ def render(result: dict[str, Any]) -> str:
                 f"{r['workers']} | {r['prepared_bytes'] / MB:.1f} | "
                 f"{r['prepared_and_cache_bytes'] / MB:.1f} | "
                 f"**{r['prepared_and_cache_bytes'] / src:.2f}** | "
-                f"{r['prepare_images_per_s']:.0f} | {r['read_images_per_s']:.0f} |"
+                f"{r['prepare_images_per_s']:.0f} | {r['read_images_per_s']:.0f} | "
+                f"{labeled(r, 'label_images_per_s', '.0f')} | "
+                f"{labeled(r, 'label_rss_anon_growth_mb', '.0f')} |"
             )
     return head + "\n".join(lines) + "\n"
 

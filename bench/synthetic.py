@@ -53,13 +53,15 @@ def write_pool(root: Path, count: int, size: int, seed: int = 0, split: str = "u
     return root
 
 
-def write_model(folder: Path, spec: ModelTraining, image_size: int) -> Path:
+def write_model(
+    folder: Path, spec: ModelTraining, image_size: int, classes: list[str] = CLASSES
+) -> Path:
     """An untrained model saved as a trained one is (its weights do not change its speed)."""
-    net = create_model(spec, len(CLASSES))
+    net = create_model(spec, len(classes))
     mean, std = normalization(net)
     card = ModelCard(
         name=folder.name,
-        classes=CLASSES,
+        classes=classes,
         image_size=image_size,
         mlflow_run_id=None,
         members=[Member(spec.model, "model.safetensors", mean, std, None)],

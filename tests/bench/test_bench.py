@@ -228,6 +228,8 @@ def test_storage_benchmark_weighs_each_storage_with_its_dvc_cache(bench_params, 
         0.9 * pool["source_bytes"] < encoded["prepared_bytes"] < 1.1 * pool["source_bytes"] + 65536
     )
     assert encoded["read_images_per_s"] > 0
+    assert encoded["label_images_per_s_w0"] > 0 and encoded["label_images_per_s_w2"] > 0
+    assert "label_images_per_s_w0" not in runs["encoded", "reflink,copy"]
     assert "| encoded | hardlink,copy |" in (tmp_path / "storage.md").read_text()
 
 
