@@ -195,22 +195,27 @@ def test_same_params_and_data_give_the_same_pseudo_labels(repro_demo, tmp_path):
     assert a == b
 
 
-def test_threshold_change_reruns_only_downstream_stages_in_a_recipes_temp_experiment(
+def test_threshold_change_reruns_only_downstream_stages_in_a_queued_recipes_experiment(
     repro_demo, tmp_path
 ):
     """On a copy (the shared project stays as the other tests expect): a new threshold in
-    params.yaml, then a recipe of configs/ as a DVC experiment run in a temporary copy of the
-    project (`dvc exp run --temp -S ...`) on top: only the stages from the first pseudo-labels on
-    run again, with both values; the workspace keeps its outputs until `dvc exp apply`; the
-    trainings land in the project's MLflow store, none in a store inside the copy."""
+    params.yaml, then a recipe of configs/ queued as a DVC experiment on top (`dvc exp run
+    --queue -S ...`) and run by DVC's queue worker in a temporary copy of the project (`dvc exp
+    run --run-all`; `--temp` runs in such a copy too, without the queue): only the stages from
+    the first pseudo-labels on run again, with both values; the workspace keeps its outputs until
+    `dvc exp apply`; the trainings land in the project's MLflow store, none in a store inside
+    the copy."""
     project = copy_project(repro_demo[0], tmp_path / "copy")
     before = (project / "pseudo_labels/student_1.json").read_text()
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["pseudo_label"]["threshold"] = 0.5
     write_params(project / "params.yaml", params)
     recipe = [sys.executable, "-m", "noisy_student.recipes", "configs/no_class_balance.yaml"]
-    output = run([*recipe, "--temp"], project)
-    assert "dvc exp run --temp -n no_class_balance -S pseudo_label.balance=false" in output.stdout
+    output = run([*recipe, "--queue"], project)
+    assert "dvc exp run --queue -n no_class_balance -S pseudo_label.balance=false" in output.stdout
+    assert "Queued experiment 'no_class_balance'" in output.stdout + output.stderr
+    assert (project / "pseudo_labels/student_1.json").read_text() == before  # nothing ran yet
+    output = run(["dvc", "exp", "run", "--run-all"], project)
     assert ran(output.stdout) == [SCAN, *stages_from("pseudo_label@0")]
     assert (project / "pseudo_labels/student_1.json").read_text() == before
     assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
