@@ -36,7 +36,8 @@ class SparseRows:
         np.put_along_axis(out, self.columns, self.floor + self.values, axis=1)
         return out
 
-    def scaled(self, weight: float) -> SparseRows:
+    def __mul__(self, weight: float) -> SparseRows:
+        """Every entry times ``weight``, as an array's ``rows * weight``."""
         return SparseRows(
             self.columns, self.values * np.float32(weight), self.width, self.floor * weight
         )
@@ -57,12 +58,6 @@ class SparseRows:
         values = np.full((len(labels), 1), 1.0 - smoothing, dtype=np.float32)
         return SparseRows(np.asarray(labels, np.int64)[:, None], values, width, off)
 
-    def sharpened(self, temperature: float) -> SparseRows:
-        """losses.mixing.sharpen over the kept entries (the rest held nothing): p ** (1 / T),
-        renormalised."""
-        logp = np.log(np.clip(self.values, 1e-12, None)) / temperature
-        logp -= logp.max(axis=1, keepdims=True)
-        out = np.exp(logp)
-        return SparseRows(
-            self.columns, (out / out.sum(axis=1, keepdims=True)).astype(np.float32), self.width
-        )
+    def with_values(self, values: np.ndarray) -> SparseRows:
+        """The same columns holding ``values`` (floor 0): e.g. the kept entries sharpened."""
+        return SparseRows(self.columns, values, self.width)

@@ -68,9 +68,7 @@ def training_items(
     pool_items = TrainingImages(
         pool.images,
         pseudo.indices,
-        pool_targets.scaled(pool_ce)
-        if isinstance(pool_targets, SparseRows)
-        else pool_targets * pool_ce,
+        pool_targets * pool_ce,
         np.full(len(pseudo.indices), pool_kd, dtype=np.float32),
         pool_probs,
     )
@@ -88,8 +86,8 @@ def pool_label_targets(
         if sparse:
             return SparseRows.one_hot(pseudo.hard, num_classes, smoothing)
         return one_hot(pseudo.hard, num_classes, smoothing)
-    if sparse:
-        return pseudo.probs.sharpened(cfg.temperature)
+    if sparse:  # sharpened over the kept entries (the rest held nothing)
+        return pseudo.probs.with_values(sharpen(pseudo.probs.values, cfg.temperature))
     return sharpen(pseudo.probs, cfg.temperature)
 
 
