@@ -100,6 +100,10 @@ VARIANTS: dict[str, tuple[str, Path | dict[str, Any]]] = {
         "out-of-class filter on (pseudo_label.ood_filter 0.95)",
         {"pseudo_label.ood_filter": 0.95},
     ),
+    "ood_knn": (
+        "out-of-class filter on, kNN feature distance (ood_filter 0.95, ood_score knn)",
+        {"pseudo_label.ood_filter": 0.95, "pseudo_label.ood_score": "knn"},
+    ),
 }
 # a no_promotion run trains exactly what the baseline trained as long as the baseline promoted
 # every round (same seeds, same steps; the loop is byte-reproducible: tests/pipeline), so it is

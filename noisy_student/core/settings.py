@@ -219,10 +219,14 @@ class PseudoLabelSettings(Strict):
     per_class: PositiveInt | None  # balance target; None: the mean kept count per class
     batch_size: PositiveInt
     shards: PositiveInt  # pieces of the pool, labeled in parallel by the flow's Dask workers
-    # the out-of-class filter: pool images whose free energy is above that of this share of the
-    # validation images are held out as foreign (0.95: 95% of validation images would pass);
-    # None: off
+    # the out-of-class filter: pool images whose out-of-class score is above that of this share
+    # of the validation images are held out as foreign (0.95: 95% of validation images would
+    # pass); None: off
     ood_filter: Annotated[float, Field(gt=0.0, le=1.0)] | None
+    # the score: the teacher's free energy, or the distance of its features to the k-th nearest
+    # labeled image's (k = ood_neighbours)
+    ood_score: Literal["energy", "knn"]
+    ood_neighbours: PositiveInt
     probs: Literal["float32", "float16"]  # the table's probabilities
     top_k: PositiveInt | None  # keep the teacher's k largest probabilities; None: all of them
 

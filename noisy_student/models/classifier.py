@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import timm
 import torch
@@ -145,6 +146,14 @@ class Normalize(torch.nn.Module):
         return (x.float() - self.mean) / self.std
 
 
+class Outputs(NamedTuple):
+    """A batch's ``Classifier.outputs``: float32, one row per image."""
+
+    probs: torch.Tensor
+    energy: torch.Tensor
+    features: list[torch.Tensor] | None  # one L2-normalized matrix per member
+
+
 class Classifier(torch.nn.Module):
     """Pixels 0..255, N x 3 x H x W -> logits: one timm network, or an ensemble of them.
 
@@ -169,14 +178,29 @@ class Classifier(torch.nn.Module):
     def probs_and_energy(
         self, x: torch.Tensor, temperature: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``probs`` and each image's free energy, -logsumexp(logits), the members' mean (Liu et
+        """``probs`` and each image's free energy (``outputs``)."""
+        out = self.outputs(x, temperature)
+        return out.probs, out.energy
+
+    def outputs(self, x: torch.Tensor, temperature: float = 1.0, features: bool = False) -> Outputs:
+        """``probs``; each image's free energy, -logsumexp(logits), the members' mean (Liu et
         al. 2020, "Energy-based out-of-distribution detection"): low on images like the training
-        classes, high on foreign ones. Energy rather than the top probability: softmax discards
-        the logits' scale, the very thing that tells an image of none of the classes apart."""
-        logits = [z.float() for z in self.member_logits(x)]
+        classes, high on foreign ones (energy rather than the top probability: softmax discards
+        the logits' scale, the very thing that tells an image of none of the classes apart); and
+        with ``features``, each member's pre-logit features (timm's ``forward_head(...,
+        pre_logits=True)``), L2-normalized, from the same forward pass."""
+        logits, feats = [], []
+        for net, norm in zip(self.nets, self.norms, strict=True):
+            if features:
+                hidden = net.forward_features(norm(x))
+                logits.append(net.forward_head(hidden).float())
+                pre = net.forward_head(hidden, pre_logits=True).float().flatten(1)
+                feats.append(torch.nn.functional.normalize(pre, dim=1))
+            else:
+                logits.append(net(norm(x)).float())
         probs = torch.stack([torch.softmax(z / temperature, dim=1) for z in logits]).mean(0)
         energy = torch.stack([-torch.logsumexp(z, dim=1) for z in logits]).mean(0)
-        return probs, energy
+        return Outputs(probs, energy, feats if features else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.nets) == 1:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from noisy_student.core.settings import RuntimeSettings
 from noisy_student.data.loaders import ImageDataset, make_loader
+from noisy_student.models.classifier import Classifier, Outputs
 
 # validation and test batches: affects memory and speed only, never a result
 EVAL_BATCH_SIZE = 256
@@ -51,20 +52,22 @@ def iter_probabilities(
 ) -> Iterator[torch.Tensor]:
     """Softmax probabilities at ``temperature`` (float32, on the CPU) batch by batch, as
     ``iter_outputs`` gives them."""
-    for probs, _ in iter_outputs(classifier, loader, device, runtime, temperature):
-        yield probs
+    for out in iter_outputs(classifier, loader, device, runtime, temperature):
+        yield out.probs
 
 
 @torch.inference_mode()
 def iter_outputs(
-    classifier: torch.nn.Module,
+    classifier: Classifier,
     loader: DataLoader,
     device: torch.device,
     runtime: RuntimeSettings,
     temperature: float = 1.0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Softmax probabilities at ``temperature`` and the free energy per image (float32, on the
-    CPU) batch by batch, so a pool of any size streams.
+    features: bool = False,
+) -> Iterator[Outputs]:
+    """``classifier.outputs`` (probabilities at ``temperature``, the free energy and, with
+    ``features``, the members' normalized features; float32, on the CPU) batch by batch, so a
+    pool of any size streams.
 
     ``classifier`` takes pixels 0..255 (models.classifier.Classifier); an ensemble's
     probabilities and energies are its members' averages."""
@@ -73,8 +76,12 @@ def iter_outputs(
     for images in loader:
         x = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         with autocast(device, runtime):
-            probs, energy = classifier.probs_and_energy(x, temperature)
-        yield probs.cpu(), energy.cpu()
+            out = classifier.outputs(x, temperature, features)
+        yield Outputs(
+            out.probs.cpu(),
+            out.energy.cpu(),
+            None if out.features is None else [f.cpu() for f in out.features],
+        )
 
 
 def accuracy(

@@ -2,8 +2,10 @@
 
 Writes ``pseudo_labels/<student>.parquet``, one row per pool image: ``id``, ``pred`` (class
 index), ``pred_class``, ``confidence``, ``energy`` (the teacher's free energy: high on images
-unlike the labeled classes), ``foreign`` (only with ``pseudo_label.ood_filter``: held out as of
-none of the classes, pseudo_labels/foreign.py), ``kept`` (in the student's training set),
+unlike the labeled classes), ``knn_distance`` (only with ``pseudo_label.ood_score: knn``: the
+distance of the teacher's features to the labeled images'), ``foreign`` (only with
+``pseudo_label.ood_filter``: held out as of none of the classes, pseudo_labels/foreign.py),
+``kept`` (in the student's training set),
 ``copies`` (how many times: more than 1 where class balancing duplicates a rare class) and the
 teacher's probabilities (an ensemble's average): ``p_<class>`` for every class, or with
 ``pseudo_label.top_k`` its largest entries, ``top_classes`` and ``top_probs``
@@ -44,7 +46,13 @@ from noisy_student.data.splits import load_classes, load_split
 from noisy_student.models import promotion
 from noisy_student.models.classifier import load_checkpoint, resolve_device
 from noisy_student.models.inference import eval_loader, iter_outputs, probability_table
-from noisy_student.pseudo_labels.foreign import energy_cut, foreign_rows, validation_energy
+from noisy_student.pseudo_labels.foreign import (
+    NearestLabeled,
+    foreign_rows,
+    score_column,
+    score_cut,
+    validation_scores,
+)
 from noisy_student.pseudo_labels.selection import select, summarize
 from noisy_student.pseudo_labels.table import (
     TableWriter,
@@ -69,6 +77,7 @@ def label_rows(
     classes: list[str],
     threshold: float,
     energy: torch.Tensor | None = None,
+    knn_distance: torch.Tensor | None = None,
 ) -> pd.DataFrame:
     """The table's leading columns; the probabilities follow (``table_rows``)."""
     table = probability_table(
@@ -76,6 +85,8 @@ def label_rows(
     )
     if energy is not None:
         table["energy"] = energy.numpy()
+    if knn_distance is not None:
+        table["knn_distance"] = knn_distance.numpy()
     table["kept"] = table["confidence"] >= threshold
     return table
 
@@ -86,10 +97,12 @@ def table_rows(
     classes: list[str],
     cfg: PseudoLabelSettings,
     energy: torch.Tensor | None = None,
+    knn_distance: torch.Tensor | None = None,
 ) -> pa.Table:
     """One batch's rows of the table, as written."""
     columns = probability_columns(probs.float().numpy(), classes, cfg.top_k, cfg.probs)
-    return arrow_table(label_rows(probs, ids, classes, cfg.threshold, energy), columns)
+    rows = label_rows(probs, ids, classes, cfg.threshold, energy, knn_distance)
+    return arrow_table(rows, columns)
 
 
 def pseudo_label(
@@ -166,6 +179,8 @@ def label_shard(
     cfg = settings.pseudo_label
     device = resolve_device(settings.runtime)
     classifier, card = load_checkpoint(layout.model(teacher), device)
+    knn = cfg.ood_score == "knn"
+    nearest = NearestLabeled.of(classifier, settings, layout, device) if knn else None
     pool = load_split("unlabeled", layout.prepared)
     rows = np.arange(start, end)
     loader = eval_loader(pool.images, cfg.batch_size, settings.runtime, device, indices=rows)
@@ -176,12 +191,13 @@ def label_shard(
         Progress(end - start, f"pseudo-label ({teacher})", "images", min_interval=5) as bar,
     ):
         done = start
-        for probs, energy in iter_outputs(classifier, loader, device, settings.runtime):
-            ids = pool.ids[done : done + len(probs)]
+        for batch in iter_outputs(classifier, loader, device, settings.runtime, features=knn):
+            ids = pool.ids[done : done + len(batch.probs)]
+            distance = nearest.distance(batch.features) if nearest is not None else None
             # streamed: the pool may not fit in memory
-            writer.write(table_rows(probs, ids, card.classes, cfg, energy))
-            done += len(probs)
-            bar.update(len(probs))
+            writer.write(table_rows(batch.probs, ids, card.classes, cfg, batch.energy, distance))
+            done += len(batch.probs)
+            bar.update(len(batch.probs))
     return out
 
 
@@ -198,7 +214,7 @@ def merge_shards(
     pool = load_split("unlabeled", layout.prepared)
     classes = load_classes(layout.prepared)
     table = pd.concat(
-        [read_columns(path, ["pred", "confidence", "energy"]) for path in files],
+        [read_columns(path, ["pred", "confidence", score_column(cfg)]) for path in files],
         ignore_index=True,
     )
     if len(table) != len(pool):
@@ -208,11 +224,12 @@ def merge_shards(
     teacher = promotion.round_teacher(settings, layout, student)
     foreign, cut = None, None
     if cfg.ood_filter is not None:
-        cut = energy_cut(validation_energy(settings, teacher, layout), cfg.ood_filter)
-        foreign = foreign_rows(table["energy"].to_numpy(), cut)
+        cut = score_cut(validation_scores(settings, teacher, layout), cfg.ood_filter)
+        foreign = foreign_rows(table[score_column(cfg)].to_numpy(), cut)
         table["foreign"] = foreign
-        log.info("out-of-class filter: %d of %d pool images above the energy cut %.3f (%s of "
-                 "validation)", foreign.sum(), len(table), cut, cfg.ood_filter)  # fmt: skip
+        log.info("out-of-class filter: %d of %d pool images above the %s cut %.3f (%s of "
+                 "validation)", foreign.sum(), len(table), score_column(cfg), cut,
+                 cfg.ood_filter)  # fmt: skip
     passed = table["confidence"].to_numpy() >= cfg.threshold
     if not (passed if foreign is None else passed & ~foreign).any():
         raise PipelineError(
@@ -230,7 +247,7 @@ def merge_shards(
     summary = {"teacher": teacher}
     summary |= summarize(table, pool, classes, cfg)
     if cut is not None:
-        summary["energy_cut"] = cut
+        summary["ood_score"], summary["ood_cut"] = score_column(cfg), cut
     with atomic_path(layout.pseudo_summary(student)) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     accuracy = summary.get("kept_accuracy")

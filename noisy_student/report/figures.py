@@ -83,20 +83,22 @@ def pseudo_label_round(
     threshold: float,
     trained_per_class: dict[str, int] | None,
     path: Path,
-    energy_cut: float | None = None,
+    score: str = "energy",
+    cut: float | None = None,
 ) -> None:
     """One round's pseudo-labels. Left: the teacher's confidence over the pool, the threshold, and
     (demo) which labels were right. Middle: how many images of each class the student got.
-    Right: the pool's free energy (high: unlike the labeled classes) and, with the out-of-class
-    filter, its cut and the images it held out.
+    Right: the pool's out-of-class ``score`` column (``energy`` or ``knn_distance``; high:
+    unlike the labeled classes) and, with the out-of-class filter, its ``cut`` and the images it
+    held out.
 
-    ``table``: one row per pool image with ``pred`` (class index), ``confidence``, ``energy``,
+    ``table``: one row per pool image with ``pred`` (class index), ``confidence``, ``score``,
     ``kept``, ``correct`` (bool, or all NaN where the truth is unknown) and, with the filter,
     ``foreign``."""
     fig, (hist_ax, class_ax, energy_ax) = plt.subplots(
         1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [1.1, 1, 0.9]}
     )
-    energy_panel(energy_ax, table, teacher, energy_cut)
+    score_panel(energy_ax, table, teacher, score, cut)
     bins = np.linspace(0.0, 1.0, 21)
     known = table["correct"].notna().all() and len(table) > 0
     if known:
@@ -154,11 +156,19 @@ def pseudo_label_round(
     _save(fig, path)
 
 
-def energy_panel(ax: plt.Axes, table: pd.DataFrame, teacher: str, cut: float | None) -> None:
-    if "energy" not in table or len(table) == 0:
+SCORE_LABELS = {
+    "energy": "free energy",
+    "knn_distance": "feature distance to the nearest labeled images",
+}
+
+
+def score_panel(
+    ax: plt.Axes, table: pd.DataFrame, teacher: str, score: str, cut: float | None
+) -> None:
+    if score not in table or len(table) == 0:
         ax.set_axis_off()
         return
-    energy = table["energy"].to_numpy(float)
+    energy = table[score].to_numpy(float)
     bins = np.linspace(energy.min(), energy.max() + 1e-6, 31)
     if "foreign" in table:
         foreign = table["foreign"].astype(bool).to_numpy()
@@ -174,7 +184,7 @@ def energy_panel(ax: plt.Axes, table: pd.DataFrame, teacher: str, cut: float | N
     if cut is not None:
         ax.axvline(cut, color="black", ls="--", lw=1, label=f"cut {cut:.2f} (from validation)")
     ax.set(
-        xlabel=f"{teacher}'s free energy (high: unlike the classes)",
+        xlabel=f"{teacher}'s {SCORE_LABELS.get(score, score)} (high: unlike the classes)",
         ylabel="pool images",
         title="Out of class? (pseudo_label.ood_filter)",
     )

@@ -28,7 +28,8 @@ class Inputs:
 
     rounds: pd.DataFrame  # one row per model, loop order (also reports/plots/rounds.csv)
     histories: dict[str, pd.DataFrame]  # per trained network (an ensemble: per member)
-    # per student: pred, confidence, energy, kept, correct (NaN: unknown), foreign (if filtered)
+    # per student: pred, confidence, energy (and knn_distance), kept, correct (NaN: unknown),
+    # foreign (if filtered)
     pseudo: dict[str, pd.DataFrame]
     summaries: dict[str, dict]  # per student: pseudo_labels/<student>.json
     predictions: dict[str, pd.DataFrame]  # per model: the test predictions evaluate wrote
@@ -155,7 +156,9 @@ def gather(settings: Settings, layout: Layout) -> Inputs:
         path = layout.pseudo_table(student)
         if not path.exists():
             raise PipelineError(f"{path}: not found; run the pseudo_label stage first")
-        table = read_columns(path, ["id", "pred", "confidence", "energy", "foreign", "kept"])
+        table = read_columns(
+            path, ["id", "pred", "confidence", "energy", "knn_distance", "foreign", "kept"]
+        )
         if table["id"].tolist() != index["id"].tolist():
             raise PipelineError(f"{path}: rows do not match the prepared pool")
         table["correct"] = table["pred"].to_numpy() == truth if truth_known else np.nan

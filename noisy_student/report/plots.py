@@ -85,7 +85,8 @@ def write_plots(inputs: Inputs, settings: Settings, preview: Path, out: Path) ->
             summary["threshold"],
             summary["trained_per_class"] if summary.get("balance") else None,
             picture("pseudo_labels", student),
-            summary.get("energy_cut"),
+            summary.get("ood_score", "energy"),
+            summary.get("ood_cut"),
         )
     final = inputs.registry["champion"]  # chosen on validation
     test = inputs.predictions[final]

@@ -275,7 +275,7 @@ def test_foreign_benchmark_counts_what_each_round_did_with_the_foreign_images(
     text = foreign.run(params_file=bench_params, fractions=[0.5], seeds=[0],
                        work=tmp_path / "work", out_dir=out)  # fmt: skip
     counts = {r["variant"]: r for r in accuracy.read_records(out / "foreign_pseudo.jsonl")}
-    assert set(counts) == {"baseline", "ood_filter"}
+    assert set(counts) == {"baseline", "ood_filter", "ood_knn"}
     for variant, row in counts.items():
         for n in row["rounds"].values():
             assert n["foreign_images"] == n["pool_images"] - n["foreign_images"]  # half of it
@@ -284,10 +284,11 @@ def test_foreign_benchmark_counts_what_each_round_did_with_the_foreign_images(
                 assert n["foreign_flagged"] == n["digits_flagged"] == 0
             else:
                 assert n["foreign_trained"] <= n["foreign_images"] - n["foreign_flagged"]
-    assert "| 50% | 0 | on (0.95) | student_1 |" in text and "| 50% | 0 | off | student_1 |" in text
+    for label in ("off", "energy (0.95)", "kNN (0.95)"):
+        assert f"| 50% | 0 | {label} | student_1 |" in text
     foreign.run(params_file=bench_params, fractions=[0.5], seeds=[0],
                 work=tmp_path / "work", out_dir=out)  # fmt: skip  # all recorded: nothing runs
-    assert len(accuracy.read_records(out / "foreign_pseudo.jsonl")) == 2
+    assert len(accuracy.read_records(out / "foreign_pseudo.jsonl")) == 3
 
 
 def test_active_benchmark_moves_the_picks_into_the_labeled_folders_and_retrains(

@@ -65,6 +65,8 @@ def settings(
         batch_size=8,
         shards=1,
         ood_filter=None,
+        ood_score="energy",
+        ood_neighbours=1,
         probs=probs,
         top_k=top_k,
     )
@@ -244,11 +246,11 @@ def test_foreign_rows_never_pass_whatever_their_confidence_and_the_summary_count
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.9, 0.95, 1.0])
-def test_the_energy_cut_passes_at_least_the_share_of_validation_asked(keep):
-    from noisy_student.pseudo_labels.foreign import energy_cut, foreign_rows
+def test_the_score_cut_passes_at_least_the_share_of_validation_asked(keep):
+    from noisy_student.pseudo_labels.foreign import foreign_rows, score_cut
 
     val = np.random.default_rng(0).normal(size=179).astype(np.float32)
-    cut = energy_cut(val, keep)
+    cut = score_cut(val, keep)
     passing = (~foreign_rows(val, cut)).mean()
     assert keep <= passing < keep + 1 / 179 + 1e-9
     assert cut in val  # one of the validation energies: no interpolation between them
@@ -265,3 +267,30 @@ def test_the_table_has_the_same_bytes_however_many_shards_labeled_the_pool(tmp_p
     )
     write_with_copies([tmp_path / "whole.parquet"], tmp_path / "one.parquet", copies)
     assert (tmp_path / "s.parquet").read_bytes() == (tmp_path / "one.parquet").read_bytes()
+
+
+def test_knn_distance_is_the_distance_to_the_kth_nearest_labeled_image_averaged_over_members():
+    from noisy_student.pseudo_labels.foreign import NearestLabeled
+
+    # unit vectors at angles 0, 90 and 180 degrees; queries at 0 and 45 degrees
+    labeled = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    queries = torch.tensor([[1.0, 0.0], [2**-0.5, 2**-0.5]])
+    chord_45 = (2 - 2 * np.cos(np.pi / 4)) ** 0.5  # |a - b| of unit vectors 45 degrees apart
+    first = NearestLabeled([labeled], 1).distance([queries])
+    np.testing.assert_allclose(first.numpy(), [0.0, chord_45], atol=1e-6)
+    second = NearestLabeled([labeled], 2).distance([queries])
+    np.testing.assert_allclose(second.numpy(), [2**0.5, chord_45], atol=1e-6)
+    # an ensemble: the members' mean, each against its own labeled features
+    both = NearestLabeled([labeled, labeled[:1]], 1).distance([queries, queries])
+    np.testing.assert_allclose(both.numpy(), [0.0, chord_45], atol=1e-6)
+    with pytest.raises(PipelineError, match="ood_neighbours is 4 but there are 3 labeled"):
+        NearestLabeled([labeled], 4)
+
+
+def test_knn_distance_sits_beside_the_energy_in_the_table():
+    energy, distance = torch.tensor([-9.0, -2.0, -8.0, -1.0]), torch.tensor([0.1, 0.9, 0.2, 1.3])
+    table = table_rows(
+        PROBS, [f"img_{i}" for i in range(4)], CLASSES, settings(0.8), energy, distance
+    ).to_pandas()
+    assert list(table.columns[4:7]) == ["energy", "knn_distance", "kept"]
+    assert (table["knn_distance"].to_numpy(np.float32) == distance.numpy()).all()

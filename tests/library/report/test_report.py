@@ -84,7 +84,7 @@ def test_round_picture_with_the_out_of_class_filter_and_its_line_in_the_comparis
     table["kept"] = (table["confidence"] >= 0.7) & ~table["foreign"]
     path = tmp_path / "round.png"
     figures.pseudo_label_round(
-        "student_1", "teacher", table, ["cat", "dog", "fox"], 0.7, None, path, energy_cut=-2.0
+        "student_1", "teacher", table, ["cat", "dog", "fox"], 0.7, None, path, "energy", -2.0
     )
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[0] > 1200  # the third panel: energy
