@@ -56,7 +56,7 @@ from noisy_student.core.settings import (
     known_timm_model,
     load_settings,
 )
-from noisy_student.data.loaders import TrainingImages, make_loader
+from noisy_student.data.loaders import TrainingImages, loader_workers, make_loader
 from noisy_student.data.splits import Split, load_split
 from noisy_student.losses.mixing import one_hot
 from noisy_student.models.classifier import create_model, resolve_device
@@ -233,7 +233,7 @@ def loader_alone(settings: Settings, spec: ModelTraining, items, device: torch.d
         items,
         spec.batch_size,
         shuffle=True,
-        num_workers=settings.runtime.num_workers,
+        num_workers=loader_workers(settings.runtime.num_workers, device),
         pin_memory=device.type == "cuda",
         seed=0,
     )
@@ -385,8 +385,6 @@ def run(
 ) -> dict[str, Any]:
     base = settings_for(params_file, sizes[0], device, workers)
     torch_device = resolve_device(base.runtime)
-    if workers is None and torch_device.type == "cuda":
-        workers = max(1, (os.cpu_count() or 2) - 2)  # a GPU needs its loader fed in parallel
     results = []
     for size in sizes:
         settings = settings_for(params_file, size, device, workers)
@@ -401,7 +399,9 @@ def run(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "precision": precision(base, torch_device),
-        "workers": base.runtime.num_workers if workers is None else workers,
+        "workers": loader_workers(
+            base.runtime.num_workers if workers is None else workers, torch_device
+        ),
         "compile": compile_,
         "date": datetime.date.today().isoformat(),
         "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
@@ -421,8 +421,8 @@ def main() -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 128])
     p.add_argument("--model", default="resnet18", help="timm name, on both sides")
-    p.add_argument("--workers", type=int, help="DataLoader workers (default: params.yaml on the "
-                   "CPU, cores - 2 on a GPU)")  # fmt: skip
+    p.add_argument("--workers", type=int, help="DataLoader workers (default: params.yaml's, "
+                   "auto: none on the CPU, the cores less one on a GPU)")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="torch.compile the trained network")
     p.add_argument("--seconds", type=float, default=3.0, help="about how long each timed pass")
     p.add_argument("--out", type=Path, default=Path("bench/results"))

@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationError,
     model_validator,
 )
@@ -56,6 +57,15 @@ def known_timm_model(name: str) -> str:
 
 
 TimmName = Annotated[str, AfterValidator(known_timm_model)]
+
+
+def worker_count(value: Any) -> int | str:
+    if value == "auto" or (type(value) is int and value >= 0):
+        return value
+    raise ValueError(f"expected a number of processes (0, 1, 2, ...) or 'auto', got {value!r}")
+
+
+Workers = Annotated[int | Literal["auto"], PlainValidator(worker_count)]
 
 
 class Strict(BaseModel):
@@ -134,7 +144,8 @@ class AugmentSettings(Strict):
 class RuntimeSettings(Strict):
     # auto (CUDA if present) or a device as PyTorch names it: cpu, cuda, cuda:1, mps
     device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")]
-    num_workers: NonNegativeInt
+    # DataLoader worker processes; auto: none on the CPU, on a GPU the cores less one, up to 8
+    num_workers: Workers
     # torch's CPU threads per training process; None: the cores shared among this machine's
     # training processes. Set, not inherited (OMP_NUM_THREADS), because CPU results depend on it
     cpu_threads: PositiveInt | None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -95,6 +96,22 @@ def parts(dataset: Dataset) -> list[ImageDataset]:
     if isinstance(dataset, ImageDataset):
         return [dataset]
     return [d for sub in getattr(dataset, "datasets", []) for d in parts(sub)]
+
+
+MAX_AUTO_WORKERS = 8
+
+
+def loader_workers(num_workers: int | str, device: torch.device, processes: int = 1) -> int:
+    """``runtime.num_workers`` as a count. ``auto``: none when the model runs on the CPU (it
+    uses every core; a worker measured slower, bench/README.md "Speed"); beside an accelerator,
+    this process's share of the cores (``processes`` per machine) less one for the training
+    loop, at least 1 and at most 8."""
+    if num_workers != "auto":
+        return int(num_workers)
+    if device.type == "cpu":
+        return 0
+    share = (os.cpu_count() or 1) // max(processes, 1)
+    return min(MAX_AUTO_WORKERS, max(1, share - 1))
 
 
 def make_loader(

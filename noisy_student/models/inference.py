@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from noisy_student.core.settings import RuntimeSettings
-from noisy_student.data.loaders import ImageDataset, make_loader
+from noisy_student.data.loaders import ImageDataset, loader_workers, make_loader
 from noisy_student.models.classifier import Classifier, Outputs
 
 # validation and test batches: affects memory and speed only, never a result
@@ -37,7 +37,7 @@ def eval_loader(
         dataset,
         batch_size,
         shuffle=False,
-        num_workers=runtime.num_workers,
+        num_workers=loader_workers(runtime.num_workers, device, runtime.devices),
         pin_memory=device.type == "cuda",
         seed=0,
     )

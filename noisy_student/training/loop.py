@@ -17,7 +17,13 @@ from noisy_student.augment.streams import OwnedRandom
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.progress import Progress, track
 from noisy_student.core.settings import ModelTraining, RuntimeSettings
-from noisy_student.data.loaders import TrainingImages, make_loader, parts, training_sampler
+from noisy_student.data.loaders import (
+    TrainingImages,
+    loader_workers,
+    make_loader,
+    parts,
+    training_sampler,
+)
 from noisy_student.data.splits import Split
 from noisy_student.losses.distill import Distillation, student_loss
 from noisy_student.losses.mixing import BatchMixer
@@ -172,7 +178,7 @@ def _set_up(model: torch.nn.Module, train_set: TrainingImages, config: FitConfig
         train_set,
         batch_size,
         shuffle=False,
-        num_workers=runtime.num_workers,
+        num_workers=loader_workers(runtime.num_workers, device, runtime.devices),
         pin_memory=device.type == "cuda",
         seed=config.seed + WORKER_SEED_STRIDE * here.rank,
         drop_last=len(sampler) % batch_size == 1,

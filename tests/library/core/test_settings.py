@@ -63,6 +63,9 @@ def error_for(tmp_path, params) -> str:
         (lambda p: p["pseudo_label"].update(per_class=0), "pseudo_label.per_class:"),
         (lambda p: p["distill"].update(alpha=1.5), "distill.alpha:"),
         (lambda p: p["distill"].pop("temperature"), "distill.temperature: missing key"),
+        (lambda p: p["runtime"].update(num_workers="many"), "runtime.num_workers:"),
+        (lambda p: p["pseudo_label"].update(ood_score="mahalanobis"), "pseudo_label.ood_score:"),
+        (lambda p: p["pseudo_label"].update(ood_neighbours=0), "pseudo_label.ood_neighbours:"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, params, edit, expected):
@@ -123,3 +126,17 @@ def test_model_and_device_names_as_timm_and_pytorch_write_them(params):
     settings = Settings.model_validate(raw)
     assert settings.students[0].model == "hf-hub:timm/resnet18.a1_in1k"
     assert settings.runtime.device == "cuda:1"
+
+
+def test_loader_workers_auto_leaves_the_cpu_to_the_model_and_feeds_a_gpu(monkeypatch):
+    import torch
+
+    from noisy_student.data.loaders import loader_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert loader_workers(3, torch.device("cpu")) == 3  # a number is taken as it is
+    assert loader_workers("auto", torch.device("cpu")) == 0
+    assert loader_workers("auto", torch.device("cuda", 0)) == 8  # 15 cores free: at most 8
+    assert loader_workers("auto", torch.device("cuda", 0), processes=4) == 3  # 4 cores each
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert loader_workers("auto", torch.device("cuda", 0), processes=4) == 1
