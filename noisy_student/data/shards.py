@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from noisy_student.data.images import read_rgb, square_view, to_rgb8
+from noisy_student.data.images import read_image, read_rgb, to_rgb8
 
 SHARD_GLOB = "images-*.arrow"
 SCHEMA = pa.schema([("id", pa.string()), ("image", pa.large_binary())])
@@ -124,7 +124,8 @@ class EncodedImages:
         return read_rgb(self.encoded(i), name=f"image {i}")
 
     def decode(self, i: int) -> np.ndarray:
-        return square_view(self.source(i), self.size, self.crop_pct)
+        """Image ``i`` as a model sees it (``read_image``)."""
+        return read_image(self.encoded(i), self.size, f"image {i}", self.crop_pct)
 
     def __getitem__(self, key: int | slice | np.ndarray | list[int]) -> np.ndarray:
         if isinstance(key, int | np.integer):

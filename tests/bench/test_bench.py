@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench import accuracy, active, compare, foreign, scale, speed, storage
+from bench import accuracy, active, compare, decode, foreign, scale, speed, storage
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.settings import load_settings
 from noisy_student.data.splits import UNKNOWN, Split
@@ -309,3 +309,14 @@ def test_active_benchmark_moves_the_picks_into_the_labeled_folders_and_retrains(
     assert "| 4 | least_confident |" in text and "| 0 | - |" in text
     active.run(params_file=bench_params, counts=[4], seeds=[0], work=work, out_dir=out)
     assert len(accuracy.read_records(out / "active.jsonl")) == 4  # all recorded: nothing reruns
+
+
+def test_decode_benchmark_compares_whole_and_scaled_decodes_of_the_same_photos(tmp_path):
+    text = decode.run(ranges=[(100, 140), (700, 900)], photos=3, size=64, repeats=1,
+                      out_dir=tmp_path)  # fmt: skip
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    small, large = rows
+    assert small["gap_mean"] == 0.0  # under twice the view's side: decoded whole either way
+    assert 0 < large["gap_mean"] <= large["gap_worst"] < 10
+    assert large["speedup"] == large["scaled_ips"] / large["whole_ips"]  # measured, not timed
+    assert "| 700-900 | 3 |" in text and text == (tmp_path / "decode.md").read_text()

@@ -71,6 +71,33 @@ def test_photos_are_evaluated_through_timms_centre_crop_with_their_aspect_kept(
         assert np.abs(ours - theirs).mean() < 4 < np.abs(squeezed - theirs).mean(), image_id
 
 
+def test_a_large_jpeg_is_decoded_no_larger_than_its_view_needs(tmp_path):
+    from bench.photos import sample_photos, save_photo
+    from noisy_student.data.images import (
+        DRAFT_MARGIN,
+        decode_scaled,
+        read_image,
+        read_rgb,
+        square_view,
+        view_side,
+    )
+
+    path = tmp_path / "big.jpg"
+    save_photo(sample_photos(), path, np.random.default_rng(0), sides=(1100, 1300))
+    full = read_rgb(path)
+    side = DRAFT_MARGIN * view_side(128, 0.875)  # 292
+    small, full_size = decode_scaled(path, None, side)
+    assert full_size == (full.shape[1], full.shape[0])
+    assert side <= min(small.shape[:2]) < 2 * side < min(full.shape[:2])  # a quarter of it
+    # the view from the DCT-scaled decode is the full decode's, up to resampling
+    ours, whole = read_image(path, 128, crop_pct=0.875), square_view(full, 128, 0.875)
+    assert ours.shape == whole.shape == (128, 128, 3)
+    assert np.abs(ours.astype(int) - whole.astype(int)).mean() < 3
+    png = tmp_path / "big.png"
+    Image.fromarray(full).save(png)
+    assert decode_scaled(png, None, side)[0].shape == full.shape  # only JPEGs scale
+
+
 def test_training_crops_from_the_stored_resolution(tmp_path, tiny_params):
     """A 1-pixel checkerboard survives a small RandomResizedCrop taken from the 256-px source;
     from a 16-px copy it would be flat grey. Where the crop does not fire: the evaluation view."""
