@@ -58,7 +58,7 @@ class TrainingImages(ImageDataset):
         indices: np.ndarray,
         targets: np.ndarray | SparseRows,
         kd_weights: np.ndarray,
-        teacher_probs: np.ndarray | None = None,
+        teacher_probs: np.ndarray | SparseRows | None = None,
         transform: Any | None = None,
     ) -> None:
         super().__init__(images, transform, indices)
@@ -66,20 +66,26 @@ class TrainingImages(ImageDataset):
             teacher_probs = np.zeros((len(self.indices), 0), dtype=np.float32)
         if not len(targets) == len(kd_weights) == len(teacher_probs) == len(self.indices):
             raise ValueError("one target row, distillation weight and teacher row per item")
-        # SparseRows (top-k pseudo-labels) stay sparse: a dense row is made per item
-        self.targets = (
-            targets
-            if isinstance(targets, SparseRows)
-            else torch.from_numpy(np.asarray(targets, dtype=np.float32))
-        )
+        # SparseRows (top-k pseudo-labels and teacher outputs) stay sparse: a dense row is made
+        # per item
+        self.targets = rows_of(targets)
         self.kd_weights = torch.from_numpy(np.asarray(kd_weights, dtype=np.float32))
-        self.teacher_probs = torch.from_numpy(np.asarray(teacher_probs, dtype=np.float32))
+        self.teacher_probs = rows_of(teacher_probs)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
-        target = self.targets[i]
-        if isinstance(target, np.ndarray):  # a SparseRows row
-            target = torch.from_numpy(target)
-        return self.image(i), target, self.kd_weights[i], self.teacher_probs[i]
+        return self.image(i), row(self.targets, i), self.kd_weights[i], row(self.teacher_probs, i)
+
+
+def rows_of(matrix: np.ndarray | SparseRows) -> torch.Tensor | SparseRows:
+    """A float32 tensor of an array's rows; SparseRows as they are."""
+    if isinstance(matrix, SparseRows):
+        return matrix
+    return torch.from_numpy(np.asarray(matrix, dtype=np.float32))
+
+
+def row(matrix: torch.Tensor | SparseRows, i: int) -> torch.Tensor:
+    """Row ``i`` as a dense tensor."""
+    return torch.from_numpy(matrix[i]) if isinstance(matrix, SparseRows) else matrix[i]
 
 
 def _reseed_worker(worker_id: int) -> None:

@@ -42,6 +42,10 @@ class SparseRows:
             self.columns, self.values * np.float32(weight), self.width, self.floor * weight
         )
 
+    def take(self, rows: np.ndarray) -> SparseRows:
+        """Rows ``rows``, in that order (an array's ``a[rows]``)."""
+        return SparseRows(self.columns[rows], self.values[rows], self.width, self.floor)
+
     def repeat(self, counts: np.ndarray) -> SparseRows:
         """Row i ``counts[i]`` times, as np.repeat."""
         return SparseRows(

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from noisy_student.core.settings import RuntimeSettings
+from noisy_student.data.sparse import SparseRows
 from noisy_student.models.inference import eval_loader, iter_probabilities
 
 
@@ -92,9 +93,23 @@ def precompute(
     runtime: RuntimeSettings,
     device: torch.device,
     batch_size: int,
-) -> np.ndarray:
-    """The teacher's probabilities at ``temperature`` on the clean ``images[rows]``."""
+    top_k: int | None = None,
+) -> np.ndarray | SparseRows:
+    """The teacher's probabilities at ``temperature`` on the clean ``images[rows]``; with
+    ``top_k`` (``pseudo_label.top_k``) only each image's k largest, renormalized to sum to 1, as
+    SparseRows: k numbers an image in memory instead of one per class (the KL term then
+    distills the teacher's k most likely classes, as top-k distillation does)."""
     loader = eval_loader(images, batch_size, runtime, device, indices=rows)
     teacher.classifier.to(device)
     probs = iter_probabilities(teacher.classifier, loader, device, runtime, temperature)
-    return torch.cat(list(probs)).numpy()
+    if top_k is None:
+        return torch.cat(list(probs)).numpy()
+    columns, values, width = [], [], 0
+    for batch in probs:  # each batch cut to k before the next: never N x K at once
+        width = batch.shape[1]
+        top = batch.topk(min(top_k, width), dim=1)
+        columns.append(top.indices)
+        values.append(top.values / top.values.sum(dim=1, keepdim=True))
+    if not columns:
+        return SparseRows(np.zeros((0, top_k), np.int64), np.zeros((0, top_k), np.float32), 0)
+    return SparseRows(torch.cat(columns).numpy(), torch.cat(values).numpy(), width)

@@ -24,7 +24,7 @@ def labeled_items(
     spec: ModelTraining,
     ce_weight: float,
     kd_weight: float,
-    teacher_probs: np.ndarray | None = None,
+    teacher_probs: np.ndarray | SparseRows | None = None,
 ) -> TrainingImages:
     targets = one_hot(labeled.labels, num_classes, spec.label_smoothing) * ce_weight
     return TrainingImages(
@@ -42,7 +42,7 @@ def training_items(
     spec: ModelTraining,
     classes: list[str],
     layout: Layout,
-    clean_teacher: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    clean_teacher: Callable[[np.ndarray, np.ndarray], np.ndarray | SparseRows] | None = None,
 ) -> tuple[Dataset, int]:
     """Items with their targets and distillation weights (see losses/distill.py), and how many
     come from the labeled set. ``clean_teacher(images, rows)``: the teacher's distribution at T on
@@ -62,7 +62,7 @@ def training_items(
     if clean_teacher is not None:
         labeled_probs = clean_teacher(labeled.images, np.arange(len(labeled)))
         rows, copy_of = np.unique(pseudo.indices, return_inverse=True)  # each image once
-        pool_probs = clean_teacher(pool.images, rows)[copy_of]
+        pool_probs = take(clean_teacher(pool.images, rows), copy_of)
     # distillation on: the pool learns from the teacher's soft output alone (KL term, weight 1)
     pool_ce, pool_kd = (0.0, 1.0) if kd.enabled else (1.0, 0.0)
     pool_items = TrainingImages(
@@ -89,6 +89,10 @@ def pool_label_targets(
     if sparse:  # sharpened over the kept entries (the rest held nothing)
         return pseudo.probs.with_values(sharpen(pseudo.probs.values, cfg.temperature))
     return sharpen(pseudo.probs, cfg.temperature)
+
+
+def take(matrix: np.ndarray | SparseRows, rows: np.ndarray) -> np.ndarray | SparseRows:
+    return matrix.take(rows) if isinstance(matrix, SparseRows) else matrix[rows]
 
 
 def attach_transform(dataset: Dataset, transform: TrainTransform) -> None:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -170,7 +171,7 @@ def plan_job(settings: Settings, name: str, layout: Layout) -> Job:
 
 def distillation(
     settings: Settings, name: str, layout: Layout, device: torch.device
-) -> tuple[Distillation | None, Callable[[np.ndarray, np.ndarray], np.ndarray] | None]:
+) -> tuple[Distillation | None, Callable[[np.ndarray, np.ndarray], Any] | None]:
     """The student's distillation from its frozen teacher (``distill.enabled``), and the
     teacher's clean-image outputs when they are computed ahead (``teacher_input: clean``)."""
     if name == "teacher" or not settings.distill.enabled:
@@ -188,6 +189,7 @@ def distillation(
         runtime=settings.runtime,
         device=device,
         batch_size=settings.pseudo_label.batch_size,
+        top_k=settings.pseudo_label.top_k,
     )
     return Distillation(kd.temperature), clean_teacher
 

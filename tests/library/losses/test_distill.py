@@ -160,3 +160,26 @@ def test_clean_and_online_teachers_agree_when_nothing_is_noised():
         weights.append(student.state_dict())
     for key, value in weights[0].items():
         torch.testing.assert_close(value, weights[1][key], rtol=1e-4, atol=1e-5)
+
+
+def test_clean_teacher_top_k_keeps_k_renormalized_entries_a_row_and_densifies_per_item():
+    from noisy_student.core.settings import RuntimeSettings
+    from noisy_student.data.loaders import TrainingImages
+    from noisy_student.data.sparse import SparseRows
+    from noisy_student.losses.distill import precompute
+    from tests.helpers.project import load_params
+
+    cpu = RuntimeSettings.model_validate({**load_params()["runtime"], "device": "cpu"})
+    teacher = FrozenTeacher(Classifier([tiny_net(0)], [[0.5] * 3], [[0.2] * 3]))
+    images = np.random.default_rng(1).integers(0, 255, (7, 16, 16, 3), dtype=np.uint8)
+    rows = np.array([6, 0, 3, 3])
+    dense = precompute(teacher, images, rows, 2.0, cpu, torch.device("cpu"), batch_size=3)
+    top = precompute(teacher, images, rows, 2.0, cpu, torch.device("cpu"), 3, top_k=2)
+    assert isinstance(top, SparseRows) and top.values.shape == (4, 2) and top.width == 3
+    for i in range(4):  # the two largest entries of the dense row, renormalized; 0 elsewhere
+        largest = np.argsort(-dense[i])[:2]
+        expected = np.zeros(3, np.float32)
+        expected[largest] = dense[i][largest] / dense[i][largest].sum()
+        np.testing.assert_allclose(top[i], expected, rtol=1e-5)
+    items = TrainingImages(images, rows, np.zeros((4, 3)), np.ones(4), top.take(np.arange(4)))
+    torch.testing.assert_close(items[2][3], torch.from_numpy(top[2]))  # a dense row per item

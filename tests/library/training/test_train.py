@@ -30,14 +30,15 @@ def test_round_flags_must_match_params(params):
 
 @pytest.mark.slow
 def test_teacher_student_loop_tracks_every_run(tmp_path, tiny_params, monkeypatch):
-    """Every technique at once: an ensemble teacher, soft and balanced pseudo-labels, a student
-    under RandAugment, MixUp/CutMix and label smoothing, distilled from its teacher."""
+    """Every technique at once: an ensemble teacher, soft, top-k and balanced pseudo-labels, a
+    student under RandAugment, MixUp/CutMix and label smoothing, distilled from its teacher."""
     monkeypatch.chdir(tmp_path)  # MLflow's artifact root defaults to ./mlruns
     tiny_params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
     tiny_params["students"] = tiny_params["students"][:1]
     tiny_params["teacher"].update(ensemble=["test_resnet"], epochs=12)  # enough to beat chance
     tiny_params["students"][0]["epochs"] = 2
-    tiny_params["pseudo_label"].update(labels="soft", temperature=0.5, balance=True)
+    # top 3 of 10 classes: the soft labels and the clean teacher's outputs held sparse
+    tiny_params["pseudo_label"].update(labels="soft", temperature=0.5, balance=True, top_k=3)
     tiny_params["distill"]["enabled"] = True
     tiny_params["students"][0].update(
         mixup_p=0.3, cutmix_p=0.5, label_smoothing=0.1, randaugment_n=2, randaugment_m=9
