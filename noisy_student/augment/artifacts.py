@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import albumentations as A
 import numpy as np
 
-from noisy_student.augment.policy import POLICIES, build_policy
+from noisy_student.augment.policy import POLICIES, TrainTransform, build_policy
 from noisy_student.core.atomic import atomic_path
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import Settings
@@ -22,8 +23,15 @@ from noisy_student.data.splits import load_split
 log = logging.getLogger(__name__)
 
 
-def preview_grid(images: np.ndarray, policies: dict[str, A.Compose], samples: int, path: Path):
-    """Rows: images. Columns: the original, then ``samples`` draws of each policy."""
+def preview_grid(
+    images: list[np.ndarray],
+    sources: list[np.ndarray],
+    policies: dict[str, Callable[[np.ndarray], np.ndarray]],
+    samples: int,
+    path: Path,
+):
+    """Rows: images. Columns: the original (as evaluation sees it), then ``samples`` draws of
+    each policy, each taken from the image's ``source`` as training takes them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,10 +41,10 @@ def preview_grid(images: np.ndarray, policies: dict[str, A.Compose], samples: in
     fig, axes = plt.subplots(
         len(images), cols, figsize=(cols * 1.1, len(images) * 1.1 + 0.4), squeeze=False
     )
-    for r, image in enumerate(images):
+    for r, (image, source) in enumerate(zip(images, sources, strict=True)):
         row = [("original", image)]
         for name, policy in policies.items():
-            row += [(name, policy(image=image)["image"]) for _ in range(samples)]
+            row += [(name, policy(source)) for _ in range(samples)]
         for c, (title, shown) in enumerate(row):
             ax = axes[r, c]
             ax.imshow(shown)
@@ -64,7 +72,18 @@ def augment(settings: Settings, layout: Layout) -> Path:
     for name, policy in policies.items():
         with atomic_path(out / f"{name}.json") as tmp:
             A.save(policy, tmp)
+    picked = [int(i) for i in np.sort(pick)]
+    # the encoded storage keeps each photo at its stored size: training crops from that
+    source = getattr(labeled.images, "source", None)
+    views = [np.asarray(labeled.images[i]) for i in picked]
+    sources = [source(i) for i in picked] if source is not None else views
+    draws = {
+        name: TrainTransform(
+            policy, size=size, crop_pct=settings.data.eval_crop_pct, seed=settings.seed
+        )
+        for name, policy in policies.items()
+    }
     with atomic_path(out / "preview.png") as tmp:
-        preview_grid(np.asarray(labeled.images[np.sort(pick)]), policies, aug.preview_samples, tmp)
+        preview_grid(views, sources, draws, aug.preview_samples, tmp)
     log.info("augmentation policies and preview written to %s", out)
     return out
