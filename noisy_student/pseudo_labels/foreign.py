@@ -48,20 +48,25 @@ class NearestLabeled:
     over an ensemble's members. Written here: timm and torch have no such score, and it needs
     only ``torch.cdist`` over a labeled set that few labels keep small."""
 
-    def __init__(self, labeled: list[torch.Tensor], k: int) -> None:
+    def __init__(
+        self, labeled: list[torch.Tensor], k: int, device: torch.device | None = None
+    ) -> None:
         if k > len(labeled[0]):
             raise PipelineError(
                 f"pseudo_label.ood_neighbours is {k} but there are {len(labeled[0])} labeled "
                 "images: set it to at most that"
             )
-        self.labeled, self.k = labeled, k
+        # the distances are computed where the model runs: a GPU's, for a large labeled set
+        self.device = device or labeled[0].device
+        self.labeled, self.k = [ref.to(self.device) for ref in labeled], k
 
     def distance(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """One distance per row of ``features`` (each member's), on the CPU."""
         per_member = [
-            torch.cdist(f, ref).kthvalue(self.k, dim=1).values
+            torch.cdist(f.to(self.device), ref).kthvalue(self.k, dim=1).values
             for f, ref in zip(features, self.labeled, strict=True)
         ]
-        return torch.stack(per_member).mean(0)
+        return torch.stack(per_member).mean(0).cpu()
 
     @classmethod
     def of(
@@ -69,7 +74,7 @@ class NearestLabeled:
     ) -> NearestLabeled:
         """``classifier``'s features of the labeled split, the reference."""
         labeled = split_features(classifier, "labeled", settings, layout, device)
-        return cls(labeled, settings.pseudo_label.ood_neighbours)
+        return cls(labeled, settings.pseudo_label.ood_neighbours, device)
 
 
 def validation_scores(settings: Settings, model: str, layout: Layout) -> np.ndarray:
