@@ -115,7 +115,8 @@ def decode_scaled(
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
                 full_size = img.size
-                if min_side is not None and img.format == "JPEG":
+                # only where libjpeg can halve it at least: otherwise the whole decode as is
+                if min_side is not None and img.format == "JPEG" and min(img.size) >= 2 * min_side:
                     w, h = img.size
                     scale = min_side / min(w, h)
                     # draft keeps both sides at least those asked: the short side >= min_side
