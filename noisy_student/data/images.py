@@ -42,7 +42,7 @@ def center_view(
     resized to ``floor(size / crop_pct)``, then the central ``size`` x ``size``. Written here with
     cv2 on uint8 arrays, as resize_rgb resizes, so that at crop_pct 1.0 a square image gives
     resize_rgb's pixels exactly. ``full_size`` (width, height): the image's size before a scaled
-    decode (``read_rgb``'s ``min_side``), whose rounding would otherwise shift the crop."""
+    decode (``decode_scaled``), whose rounding would otherwise shift the crop."""
     h, w = image.shape[:2] if full_size is None else full_size[::-1]
     short = math.floor(size / crop_pct)
     # torchvision's Resize(short): the long side int(short * long / short_side)
@@ -100,7 +100,7 @@ def read_image(
     or 1/8 of its size by libjpeg's DCT scaling (Pillow's ``draft``) while its short side stays
     at least twice what the view resizes it to: a camera's 4,000-px photo then decodes in a
     fraction of the time and memory, and the view's own resize still averages over 2 x 2 or more
-    decoded pixels (measured: bench/README.md "Storage at photo size")."""
+    decoded pixels (measured: bench/README.md "Decoding large JPEGs scaled")."""
     rgb, full_size = decode_scaled(source, name, DRAFT_MARGIN * view_side(size, crop_pct))
     return square_view(rgb, size, crop_pct, full_size)
 
