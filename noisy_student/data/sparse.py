@@ -42,8 +42,10 @@ class SparseRows:
             self.columns, self.values * np.float32(weight), self.width, self.floor * weight
         )
 
-    def take(self, rows: np.ndarray) -> SparseRows:
-        """Rows ``rows``, in that order (an array's ``a[rows]``)."""
+    def take(self, rows: np.ndarray, axis: int = 0) -> SparseRows:
+        """Rows ``rows``, in that order, as an array's ``a.take(rows, axis=0)``."""
+        if axis != 0:
+            raise ValueError("SparseRows.take selects rows only (axis 0)")
         return SparseRows(self.columns[rows], self.values[rows], self.width, self.floor)
 
     def repeat(self, counts: np.ndarray) -> SparseRows:

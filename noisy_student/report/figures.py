@@ -95,10 +95,10 @@ def pseudo_label_round(
     ``table``: one row per pool image with ``pred`` (class index), ``confidence``, ``score``,
     ``kept``, ``correct`` (bool, or all NaN where the truth is unknown) and, with the filter,
     ``foreign``."""
-    fig, (hist_ax, class_ax, energy_ax) = plt.subplots(
+    fig, (hist_ax, class_ax, score_ax) = plt.subplots(
         1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [1.1, 1, 0.9]}
     )
-    score_panel(energy_ax, table, teacher, score, cut)
+    score_panel(score_ax, table, teacher, score, cut)
     bins = np.linspace(0.0, 1.0, 21)
     known = table["correct"].notna().all() and len(table) > 0
     if known:
@@ -168,19 +168,19 @@ def score_panel(
     if score not in table or len(table) == 0:
         ax.set_axis_off()
         return
-    energy = table[score].to_numpy(float)
-    bins = np.linspace(energy.min(), energy.max() + 1e-6, 31)
+    values = table[score].to_numpy(float)
+    bins = np.linspace(values.min(), values.max() + 1e-6, 31)
     if "foreign" in table:
         foreign = table["foreign"].astype(bool).to_numpy()
         ax.hist(
-            [energy[~foreign], energy[foreign]],
+            [values[~foreign], values[foreign]],
             bins=bins,
             stacked=True,
             color=[PLAIN, WRONG],
             label=["passed", f"held out as foreign ({foreign.sum()})"],
         )
     else:
-        ax.hist(energy, bins=bins, color=PLAIN, label="pool images")
+        ax.hist(values, bins=bins, color=PLAIN, label="pool images")
     if cut is not None:
         ax.axvline(cut, color="black", ls="--", lw=1, label=f"cut {cut:.2f} (from validation)")
     ax.set(

@@ -62,7 +62,7 @@ def training_items(
     if clean_teacher is not None:
         labeled_probs = clean_teacher(labeled.images, np.arange(len(labeled)))
         rows, copy_of = np.unique(pseudo.indices, return_inverse=True)  # each image once
-        pool_probs = take(clean_teacher(pool.images, rows), copy_of)
+        pool_probs = clean_teacher(pool.images, rows).take(copy_of, axis=0)
     # distillation on: the pool learns from the teacher's soft output alone (KL term, weight 1)
     pool_ce, pool_kd = (0.0, 1.0) if kd.enabled else (1.0, 0.0)
     pool_items = TrainingImages(
@@ -89,10 +89,6 @@ def pool_label_targets(
     if sparse:  # sharpened over the kept entries (the rest held nothing)
         return pseudo.probs.with_values(sharpen(pseudo.probs.values, cfg.temperature))
     return sharpen(pseudo.probs, cfg.temperature)
-
-
-def take(matrix: np.ndarray | SparseRows, rows: np.ndarray) -> np.ndarray | SparseRows:
-    return matrix.take(rows) if isinstance(matrix, SparseRows) else matrix[rows]
 
 
 def attach_transform(dataset: Dataset, transform: TrainTransform) -> None:
