@@ -26,10 +26,10 @@ demo: $(STAMP)  ## run the whole Noisy Student pipeline on the built-in digits d
 	@echo "Runs: make ui, then open $$(python -m noisy_student.tracking.runs)"
 
 test: $(STAMP)  ## the whole test suite, end-to-end runs included
-	python -m pytest -q -n auto --durations=15
+	python -m pytest -q -n auto --dist loadgroup --durations=15
 
 test-fast: $(STAMP)  ## the inner loop: every test but the end-to-end runs (marked slow)
-	python -m pytest -q -n auto -m "not slow"
+	python -m pytest -q -n auto --dist loadgroup -m "not slow"
 
 lint: $(STAMP)
 	ruff check . && ruff format --check .

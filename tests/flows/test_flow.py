@@ -120,8 +120,8 @@ def test_overrides_hold_for_the_run_and_leave_params_yaml_as_it_was(tmp_path):
 def test_flow_run_is_versioned_like_dvc_repro(flow_demo, repro_demo):
     project, state = flow_demo
     assert state.is_completed(), state.message
-    # one result per params and data: the flow, in this long-lived process, trained the models
-    # and wrote the pseudo-labels `dvc repro` did, byte for byte
+    # one result per params and data: the flow, in this long-lived process and another git + DVC
+    # repository, trained the models and wrote the pseudo-labels `dvc repro` did, byte for byte
     assert loop_results(project) == loop_results(repro_demo[0])
     assert outcomes(state) == dict.fromkeys(STAGES, "ran")
     assert dvc_status(project) == {}

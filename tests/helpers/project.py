@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,21 @@ def make_project(dest: Path, params: dict[str, Any]) -> Path:
         if cmd[0] == "dvc":  # the product's DVC settings (cache link types), as a clone has them
             shutil.copy(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
     return dest
+
+
+def built_once(folder: Path, build: Callable[[Path], str]) -> str:
+    """``build(folder)``'s output, built by the first process of the test run to ask (pytest-xdist
+    workers share the run's temporary root); the others wait for it under a file lock and read
+    it. A build that failed half-way is started again from nothing."""
+    from filelock import FileLock
+
+    output = folder.with_name(f"{folder.name}.output")
+    with FileLock(f"{folder}.lock"):
+        if not output.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            text = build(folder)
+            output.write_text(text)
+    return output.read_text()
 
 
 def copy_project(source: Path, dest: Path) -> Path:

@@ -186,15 +186,6 @@ def test_second_repro_skips_everything(repro_demo):
     } <= outs
 
 
-def test_same_params_and_data_give_the_same_pseudo_labels(repro_demo, tmp_path):
-    project, _ = repro_demo
-    twin = make_project(tmp_path / "twin", quick(load_params()))
-    run(["dvc", "repro", "pseudo_label@0"], twin)
-    a = (project / "pseudo_labels/student_1.parquet").read_bytes()
-    b = (twin / "pseudo_labels/student_1.parquet").read_bytes()
-    assert a == b
-
-
 def test_threshold_change_reruns_only_downstream_stages_in_a_queued_recipes_experiment(
     repro_demo, tmp_path
 ):
