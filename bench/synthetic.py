@@ -72,5 +72,5 @@ def write_model(
 
 def first_of_the_loop(staged: Path) -> None:
     """The standing a trained teacher has (its students' stages read it)."""
-    standing = promotion.first(staged.name, 0.0, promotion.weights_digest(staged))
+    standing = promotion.first(staged.name, "", promotion.weights_digest(staged))
     (staged / promotion.STANDING_FILE).write_text(standing.to_json())

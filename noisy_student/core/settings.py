@@ -261,6 +261,9 @@ class SelectionSettings(Strict):
     # next round (the original Noisy Student loop, kept to measure what the rule buys)
     margin: Annotated[float, Field(ge=0.0, lt=1.0)] | None
     patience: PositiveInt | None  # rounds in a row without gain before the loop stops; None: never
+    # a student must also beat the best model at this level by McNemar's exact test on the
+    # validation images; None: the margin alone
+    alpha: Annotated[float, Field(gt=0.0, lt=1.0)] | None
 
 
 class MlflowSettings(Strict):

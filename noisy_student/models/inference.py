@@ -84,6 +84,20 @@ def iter_outputs(
         )
 
 
+def correct(
+    classifier: torch.nn.Module,
+    loader: DataLoader,
+    labels: np.ndarray,
+    device: torch.device,
+    runtime: RuntimeSettings,
+) -> np.ndarray:
+    """Whether each image's most probable class is its label."""
+    predictions = torch.cat(
+        [p.argmax(1) for p in iter_probabilities(classifier, loader, device, runtime)]
+    )
+    return predictions.numpy() == labels
+
+
 def accuracy(
     classifier: torch.nn.Module,
     loader: DataLoader,
@@ -91,10 +105,7 @@ def accuracy(
     device: torch.device,
     runtime: RuntimeSettings,
 ) -> float:
-    predictions = torch.cat(
-        [p.argmax(1) for p in iter_probabilities(classifier, loader, device, runtime)]
-    )
-    return float((predictions.numpy() == labels).mean())
+    return float(correct(classifier, loader, labels, device, runtime).mean())
 
 
 def device_memory_format(device: torch.device, runtime: RuntimeSettings) -> torch.memory_format:

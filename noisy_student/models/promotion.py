@@ -2,24 +2,27 @@
 
 A student becomes the next round's teacher only if its validation accuracy is at least the best
 model's so far plus ``selection.margin`` (a tie promotes at margin 0: the student is no worse on
-validation and has learned from the pool, so it carries the loop on); otherwise the next round
-learns from the best model so far, and after ``selection.patience`` rounds in a row that did not
-pay, the loop stops: the later rounds finish at once, untrained. The champion (what export,
-predict, the registry's alias and the report's headline take) is the best model after the last
-round.
+validation and has learned from the pool, so it carries the loop on) and, with ``selection.alpha``
+set, McNemar's exact test on the validation images the two models disagree on finds the student
+better at that level (a small validation set cannot tell close models apart); otherwise the next
+round learns from the best model so far, and after ``selection.patience`` rounds in a row that
+did not pay, the loop stops: the later rounds finish at once, untrained. The champion (what
+export, predict, the registry's alias and the report's headline take) is the best model after the
+last round.
 
 Every model folder holds ``standing.json``, written with its weights by the training stage. It
 carries the best model's name and the digest of its weights: the next round depends on the
 previous round's folder only (dvc.yaml), and through this digest that folder changes whenever the
 model it points at does, so ``dvc repro`` never keeps pseudo-labels made by a stale model.
 
-JSON and hashing only: the stages that read standings need not import torch.
+JSON and hashing only (SciPy for the test): the stages that read standings need not import torch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -44,6 +47,13 @@ class Standing:
     rounds_without_gain: int  # rounds in a row, up to this one, that did not beat the best
     stopped: bool  # no round after this one trains
     reason: str  # why it was (not) promoted, why the loop stopped: for people
+    # the validation images this model classified right ("1") and wrong ("0"), in split order, and
+    # the best model's: what the paired test compares
+    val_correct: str
+    best_val_correct: str
+    # one-sided exact McNemar p-value that this model beats the best before it (None: the first
+    # model, or not trained)
+    p_value: float | None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -58,47 +68,88 @@ def weights_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def first(name: str, val_accuracy: float, digest: str) -> Standing:
-    """The teacher: the best so far by definition."""
+def correctness(right: Iterable[bool]) -> str:
+    """Which validation images a model classified right, as a standing keeps it."""
+    return "".join("1" if r else "0" for r in right)
+
+
+def accuracy_of(correct: str) -> float:
+    return correct.count("1") / len(correct) if correct else 0.0
+
+
+def beats_p_value(challenger: str, holder: str) -> float | None:
+    """One-sided exact McNemar test on paired validation results: were the two models equally
+    good, the chance that the challenger wins at least as many of the images they disagree on as
+    it did (SciPy's binomial test at one half). None: ``holder`` has no record to pair with."""
+    if not holder:
+        return None
+    if len(challenger) != len(holder):
+        raise PipelineError(
+            f"validation results of {len(challenger)} and {len(holder)} images cannot be paired: "
+            "the validation split changed under the loop; run dvc repro again"
+        )
+    wins = sum(c == "1" and h == "0" for c, h in zip(challenger, holder, strict=True))
+    losses = sum(c == "0" and h == "1" for c, h in zip(challenger, holder, strict=True))
+    if wins + losses == 0:
+        return 1.0  # no image tells them apart
+    from scipy.stats import binomtest
+
+    return float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue)
+
+
+def first(name: str, correct: str, digest: str) -> Standing:
+    """The teacher: the best so far by definition. ``correct``: see ``correctness``."""
+    val_accuracy = accuracy_of(correct)
     return Standing(
         name, True, val_accuracy, True, name, val_accuracy, digest, 0, False,
         f"{name}: validation accuracy {val_accuracy:.4f}, the first model of the loop",
+        val_correct=correct, best_val_correct=correct, p_value=None,
     )  # fmt: skip
 
 
 def after_round(
-    previous: Standing, name: str, val_accuracy: float, digest: str, rule: SelectionSettings
+    previous: Standing, name: str, correct: str, digest: str, rule: SelectionSettings
 ) -> Standing:
-    """The standing once student ``name`` scored ``val_accuracy``, given the one before it."""
+    """The standing once student ``name`` classified the validation images as ``correct`` says,
+    given the one before it."""
+    val_accuracy = accuracy_of(correct)
     gain = val_accuracy - previous.best_val_accuracy
+    p = beats_p_value(correct, previous.best_val_correct)
+    tested = "" if p is None else f", McNemar p = {p:.3g}"
     # accuracies are multiples of 1/N: the epsilon keeps float noise from deciding. A tie
     # promotes: on the accuracy benchmark a tied student_1 left out cost 9.9 points on one seed
     # (its successor, taught by the teacher again, underfit); taught by the tied student it gained
-    if rule.margin is None or gain >= rule.margin - 1e-9:
+    gains = rule.margin is not None and gain >= rule.margin - 1e-9
+    significant = rule.alpha is None or p is None or p <= rule.alpha
+    against = (
+        f"validation accuracy {val_accuracy:.4f} against {previous.best}'s "
+        f"{previous.best_val_accuracy:.4f}, {gain:+.4f}{tested}"
+    )
+    if rule.margin is None or (gains and significant):
         reason = (
             f"{name} promoted: promotion off (selection.margin null), every student teaches the "
-            f"next round (validation accuracy {val_accuracy:.4f}, {gain:+.4f} vs {previous.best})"
+            f"next round ({against})"
             if rule.margin is None
-            else f"{name} promoted: validation accuracy {val_accuracy:.4f} against "
-            f"{previous.best}'s {previous.best_val_accuracy:.4f}, {gain:+.4f}, at least the "
-            f"margin {rule.margin}"
+            else f"{name} promoted: {against}, at least the margin {rule.margin}"
+            + ("" if rule.alpha is None else f" and significant at selection.alpha {rule.alpha}")
         )
         return Standing(
-            name, True, val_accuracy, True, name, val_accuracy, digest, 0, False, reason
+            name, True, val_accuracy, True, name, val_accuracy, digest, 0, False, reason,
+            val_correct=correct, best_val_correct=correct, p_value=p,
         )  # fmt: skip
     misses = previous.rounds_without_gain + 1
     stopped = rule.patience is not None and misses >= rule.patience
-    reason = (
-        f"{name} not promoted: validation accuracy {val_accuracy:.4f} against "
-        f"{previous.best}'s {previous.best_val_accuracy:.4f}, {gain:+.4f}, short of the margin "
-        f"{rule.margin}; the next round learns from {previous.best}"
+    short = (
+        f"short of the margin {rule.margin}"
+        if not gains
+        else f"not significant at selection.alpha {rule.alpha}"
     )
+    reason = f"{name} not promoted: {against}, {short}; the next round learns from {previous.best}"
     if stopped:
         reason = (
-            f"{name} not promoted ({val_accuracy:.4f} vs {previous.best}'s "
-            f"{previous.best_val_accuracy:.4f}, margin {rule.margin}): {misses} round(s) in a "
-            f"row without gain (selection.patience {rule.patience}), so the loop stops; "
-            f"{previous.best} is the champion"
+            f"{name} not promoted ({against}, {short}): {misses} round(s) in a row without gain "
+            f"(selection.patience {rule.patience}), so the loop stops; {previous.best} is the "
+            "champion"
         )
     return replace(
         previous,
@@ -109,6 +160,8 @@ def after_round(
         rounds_without_gain=misses,
         stopped=stopped,
         reason=reason,
+        val_correct=correct,
+        p_value=p,
     )
 
 
@@ -120,6 +173,8 @@ def skipped(previous: Standing, name: str) -> Standing:
         trained=False,
         val_accuracy=None,
         promoted=False,
+        val_correct="",
+        p_value=None,
         reason=f"{name} not trained: the loop stopped before this round ({previous.reason})",
     )
 

@@ -41,7 +41,7 @@ from noisy_student.models.classifier import (
     save_checkpoint,
     weights_name,
 )
-from noisy_student.models.inference import EVAL_BATCH_SIZE, accuracy, eval_loader
+from noisy_student.models.inference import EVAL_BATCH_SIZE, correct, eval_loader
 from noisy_student.tracking import runs as tracking
 from noisy_student.tracking.logged_models import log_batch_image, log_model
 from noisy_student.training import distributed
@@ -281,13 +281,13 @@ def train_logged(
         )
         log_model(nets, card)
         curves = pd.DataFrame(rows).to_csv(index=False)
-        val_accuracy = validation_accuracy(nets, members, job.val, settings)
+        val_correct = validation_correct(nets, members, job.val, settings)
         save_checkpoint(
             nets,
             card,
             layout.model(job.name),
             extra_files={"history.csv": curves},
-            finish=functools.partial(write_standing, settings, job, layout, val_accuracy),
+            finish=functools.partial(write_standing, settings, job, layout, val_correct),
         )
     return history
 
@@ -304,30 +304,34 @@ def loop_parent(
     return tracking.loop_run(settings.mlflow, run_id, settings.model_dump(mode="json"))
 
 
-def validation_accuracy(
+def validation_correct(
     nets: list[torch.nn.Module], members: list[Member], val: Split, settings: Settings
-) -> float:
-    """The accuracy of the model as saved (an ensemble's: of its averaged probabilities)."""
+) -> str:
+    """Which validation images the model as saved (an ensemble: its averaged probabilities)
+    classifies right, as its standing keeps them."""
     device = next(nets[0].parameters()).device
     classifier = Classifier(nets, [m.mean for m in members], [m.std for m in members]).to(device)
     loader = eval_loader(val.images, EVAL_BATCH_SIZE, settings.runtime, device)
-    return accuracy(classifier.eval(), loader, val.labels, device, settings.runtime)
+    right = correct(classifier.eval(), loader, val.labels, device, settings.runtime)
+    return promotion.correctness(right)
 
 
 def write_standing(
-    settings: Settings, job: Job, layout: Layout, val_accuracy: float, staged: Path
+    settings: Settings, job: Job, layout: Layout, val_correct: str, staged: Path
 ) -> None:
     """Decide on validation whether this model is the best so far; record it in its folder and
     in its MLflow run (the active one)."""
     digest = promotion.weights_digest(staged)
     if job.round == 0:
-        standing = promotion.first(job.name, val_accuracy, digest)
+        standing = promotion.first(job.name, val_correct, digest)
     else:
         before = promotion.teacher_standing(settings, layout, job.name)
-        standing = promotion.after_round(before, job.name, val_accuracy, digest, settings.selection)
+        standing = promotion.after_round(before, job.name, val_correct, digest, settings.selection)
     (staged / promotion.STANDING_FILE).write_text(standing.to_json())
     log.info("%s", standing.reason)
-    mlflow.log_metric("selected_val_accuracy", val_accuracy)
+    mlflow.log_metric("selected_val_accuracy", standing.val_accuracy)
+    if standing.p_value is not None:
+        mlflow.log_metric("promotion_p_value", standing.p_value)
     mlflow.set_tags(
         {"promoted": str(standing.promoted).lower(), "best_so_far": standing.best,
          "loop_stopped": str(standing.stopped).lower()}
