@@ -15,7 +15,8 @@ carries the best model's name and the digest of its weights: the next round depe
 previous round's folder only (dvc.yaml), and through this digest that folder changes whenever the
 model it points at does, so ``dvc repro`` never keeps pseudo-labels made by a stale model.
 
-JSON and hashing only (SciPy for the test): the stages that read standings need not import torch.
+JSON, hashing and McNemar's test (NumPy, SciPy): the stages that read standings need not import
+torch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
@@ -77,10 +80,25 @@ def accuracy_of(correct: str) -> float:
     return correct.count("1") / len(correct) if correct else 0.0
 
 
+def mcnemar(
+    previous_right: np.ndarray, right: np.ndarray, alternative: str = "two-sided"
+) -> tuple[int, int, float]:
+    """Images this model got right and the previous one wrong (gained), the reverse (lost), and
+    McNemar's exact p-value (SciPy's binomial test at one half over the images that changed): how
+    likely so uneven a split is if neither model is better; ``alternative="greater"``: one-sided,
+    that this model is better."""
+    from scipy.stats import binomtest
+
+    gained = int((right & ~previous_right).sum())
+    lost = int((previous_right & ~right).sum())
+    if gained + lost == 0:
+        return 0, 0, 1.0  # no image tells them apart
+    return gained, lost, float(binomtest(gained, gained + lost, 0.5, alternative).pvalue)
+
+
 def beats_p_value(challenger: str, holder: str) -> float | None:
-    """One-sided exact McNemar test on paired validation results: were the two models equally
-    good, the chance that the challenger wins at least as many of the images they disagree on as
-    it did (SciPy's binomial test at one half). None: ``holder`` has no record to pair with."""
+    """The one-sided McNemar p-value that ``challenger`` beats ``holder`` on the paired
+    validation results (``correctness``). None: ``holder`` has no record to pair with."""
     if not holder:
         return None
     if len(challenger) != len(holder):
@@ -88,13 +106,8 @@ def beats_p_value(challenger: str, holder: str) -> float | None:
             f"validation results of {len(challenger)} and {len(holder)} images cannot be paired: "
             "the validation split changed under the loop; run dvc repro again"
         )
-    wins = sum(c == "1" and h == "0" for c, h in zip(challenger, holder, strict=True))
-    losses = sum(c == "0" and h == "1" for c, h in zip(challenger, holder, strict=True))
-    if wins + losses == 0:
-        return 1.0  # no image tells them apart
-    from scipy.stats import binomtest
-
-    return float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue)
+    right = [np.frombuffer(c.encode(), np.uint8) == ord("1") for c in (holder, challenger)]
+    return mcnemar(*right, alternative="greater")[2]
 
 
 def first(name: str, correct: str, digest: str) -> Standing:

@@ -17,6 +17,7 @@ from noisy_student.core.settings import Settings
 from noisy_student.data.splits import UNKNOWN, load_classes
 from noisy_student.evaluation.rounds import rounds_table
 from noisy_student.models import promotion
+from noisy_student.models.promotion import mcnemar
 from noisy_student.pseudo_labels.table import read_columns
 
 SIGNIFICANCE = 0.05  # McNemar p below this: a round's change is more than the test set's noise
@@ -47,19 +48,6 @@ def _read_csv(path: Path, stage: str, **kwargs) -> pd.DataFrame:
     if not path.exists():
         raise PipelineError(f"{path}: not found; run the {stage} stage first")
     return pd.read_csv(path, **kwargs)
-
-
-def mcnemar(previous_right: np.ndarray, right: np.ndarray) -> tuple[int, int, float]:
-    """Images this model got right and the previous one wrong (gained), the reverse (lost), and
-    McNemar's exact two-sided p-value: how likely so uneven a split is if neither model is better.
-    """
-    from scipy.stats import binomtest
-
-    gained = int((right & ~previous_right).sum())
-    lost = int((previous_right & ~right).sum())
-    if gained + lost == 0:
-        return 0, 0, 1.0
-    return gained, lost, float(binomtest(gained, gained + lost, 0.5).pvalue)
 
 
 def verdict(delta: float, p_value: float) -> str:

@@ -93,7 +93,7 @@ def test_round_picture_with_the_out_of_class_filter_and_its_line_in_the_comparis
             "test_accuracy": 0.8}  # fmt: skip
     student = row | {"model": "student_1", "round": 1, "taught_by": "teacher", "promoted": True,
                      "kept": 90, "pool_images": 200, "held_out_foreign": 7}  # fmt: skip
-    final = promotion.first("teacher", 0.8, "t")
+    final = promotion.first("teacher", "1" * 8 + "0" * 2, "t")
     text = comparison_markdown(pd.DataFrame([row, student], columns=COLUMNS), final)
     assert "| 90/200 (7 held out as foreign) |" in text
 
