@@ -33,6 +33,10 @@ def error_for(tmp_path, params) -> str:
         ),
         (lambda p: p["pseudo_label"].update(threshold=1.5), "pseudo_label.threshold:"),
         (lambda p: p["pseudo_label"].update(threshold=-0.1), "pseudo_label.threshold:"),
+        (
+            lambda p: p["selection"].update(alpha=1.0),
+            "selection.alpha: Input should be less than 1",
+        ),
         (lambda p: p["teacher"].update(lr="fast"), "teacher.lr: Input should be a valid number"),
         (lambda p: p["data"].update(labels_per_class=2.5), "data.labels_per_class:"),
         (lambda p: p.update(seeed=1), "seeed: unknown key (a typo?)"),
