@@ -17,7 +17,6 @@ from noisy_student.core.settings import Settings
 from noisy_student.data.splits import UNKNOWN, load_classes
 from noisy_student.evaluation.rounds import rounds_table
 from noisy_student.models import promotion
-from noisy_student.models.promotion import mcnemar
 from noisy_student.pseudo_labels.table import read_columns
 
 SIGNIFICANCE = 0.05  # McNemar p below this: a round's change is more than the test set's noise
@@ -92,7 +91,7 @@ def round_rows(
             right = (predictions[name]["actual"] == predictions[name]["predicted"]).to_numpy()
             before = predictions[previous["model"]]
             previous_right = (before["actual"] == before["predicted"]).to_numpy()
-            gained, lost, p_value = mcnemar(previous_right, right)
+            gained, lost, p_value = promotion.mcnemar(previous_right, right)
             delta = acc - previous["test_accuracy"]
             row.update(
                 vs_previous=delta,

@@ -18,8 +18,9 @@ from PIL import Image
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import load_settings
+from noisy_student.models.promotion import mcnemar
 from noisy_student.report import figures
-from noisy_student.report.gather import mcnemar, verdict
+from noisy_student.report.gather import verdict
 from noisy_student.report.plots import histogram_rows
 from noisy_student.report.render import prefect_markdown
 from noisy_student.report.report import report
