@@ -92,6 +92,10 @@ VARIANTS: dict[str, tuple[str, Path | dict[str, Any]]] = {
         "class balancing off (configs/no_class_balance.yaml)",
         CONFIGS / "no_class_balance.yaml",
     ),
+    "ema_weights": (
+        "students keep a moving average of their weights (configs/ema_weights.yaml)",
+        CONFIGS / "ema_weights.yaml",
+    ),
     "no_promotion": (
         "promotion off: every student teaches the next round (selection.margin null)",
         {"selection.margin": None},

@@ -188,6 +188,8 @@ class ModelTraining(Strict):
     lr: PositiveFloat
     weight_decay: NonNegativeFloat
     warmup_epochs: NonNegativeInt
+    # a moving average of the weights (timm's ModelEmaV3) is what is validated and kept
+    ema_decay: Annotated[float, Field(gt=0.0, lt=1.0)] | None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelTraining:

@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 from timm.scheduler import CosineLRScheduler
-from timm.utils import random_seed
+from timm.utils import ModelEmaV3, random_seed
 from torch.nn.parallel import DistributedDataParallel
 
 from noisy_student.augment.streams import OwnedRandom
@@ -61,7 +61,8 @@ class FitConfig:
     batch as the model sees it (augmented, mixed; pixels 0..255), for a picture; ``checkpoint``
     is where the state is saved every few epochs and resumed from, if it holds one. ``keep``:
     which weights the model ends with, the last epoch's or those of its best validation epoch
-    (``selection.epoch``)."""
+    (``selection.epoch``); with ``spec.ema_decay`` they are the moving average's, which is also
+    what every epoch validates."""
 
     spec: ModelTraining
     runtime: RuntimeSettings
@@ -96,7 +97,7 @@ class _Loop:
     """The state one epoch hands the next."""
 
     model: torch.nn.Module
-    classifier: Classifier  # the plain model, for evaluation on rank 0
+    validated: Classifier  # what rank 0 validates: the plain model, or its moving average
     trained: Classifier  # what the optimizer steps through (DDP-wrapped with several processes)
     loader: torch.utils.data.DataLoader
     sampler: torch.utils.data.DistributedSampler
@@ -105,6 +106,7 @@ class _Loop:
     streams: RandomStreams
     mixer: BatchMixer
     memory_format: torch.memory_format
+    ema: ModelEmaV3 | None = None  # rank 0's moving average of the weights (spec.ema_decay)
     update: int = 0
     best: BestEpoch = field(default_factory=BestEpoch)
 
@@ -128,14 +130,14 @@ def fit(
         if not here.main:  # rank 0 evaluates, logs and saves; the others only train
             _save(loop, config, epoch, [])
             continue
-        val_acc = accuracy(loop.classifier, val_loader, val.labels, config.device, config.runtime)
+        val_acc = accuracy(loop.validated, val_loader, val.labels, config.device, config.runtime)
         lr_head, lr_backbone = group_lrs(loop.optimizer)
         result = EpochResult(
             epoch, train_loss, val_acc, lr_head, lr_backbone, time.perf_counter() - start
         )
         history.append(result)
         if config.keep == "best":
-            loop.best.offer(epoch, val_acc, loop.model)
+            loop.best.offer(epoch, val_acc, loop.validated.nets[0])
         if config.on_epoch is not None:
             config.on_epoch(result)
         _save(loop, config, epoch, [asdict(r) for r in history])
@@ -144,9 +146,12 @@ def fit(
     if config.keep == "best" and here.main and loop.best.weights:
         model.load_state_dict(loop.best.weights)
         log.info(
-            "%s: kept epoch %d of %d (best validation accuracy %.4f)",
+            "%s: kept epoch %d of %d (best validation accuracy %.4f%s)",
             config.desc, loop.best.epoch, spec.epochs, loop.best.val_accuracy,
+            "" if loop.ema is None else ", weights averaged",
         )  # fmt: skip
+    elif loop.ema is not None:
+        model.load_state_dict(loop.ema.module.state_dict())
     if frozen:
         unfreeze_backbone(model, frozen)
     return history
@@ -166,7 +171,7 @@ def _set_up(model: torch.nn.Module, train_set: TrainingImages, config: FitConfig
     mean, std = normalization(model)
     # evaluation runs on rank 0 alone, on the plain model: DDP's forward is a collective call
     classifier = Classifier([model], [mean], [std]).to(device)  # shares the model's weights
-    trained = classifier
+    trained = validated = classifier
     if here.size > 1:  # gradients averaged across processes at every backward
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.index else None)
         trained = Classifier([ddp], [mean], [std]).to(device)
@@ -200,9 +205,18 @@ def _set_up(model: torch.nn.Module, train_set: TrainingImages, config: FitConfig
     owned = transforms[0].owned if transforms else OwnedRandom(config.seed)
     policy = transforms[0].policy if transforms else None
     streams = RandomStreams(policy, owned, loader.generator)
+    # timm's warmup: a few hundred updates (a few-label training) average over about
+    # update^(2/3) of them instead of waiting 1 / (1 - decay) updates for the start to fade
+    ema = (
+        ModelEmaV3(model, decay=spec.ema_decay, use_warmup=True)
+        if spec.ema_decay is not None and here.main
+        else None
+    )
+    if ema is not None:
+        validated = Classifier([ema.module], [mean], [std]).to(device)
     return _Loop(
         model,
-        classifier,
+        validated,
         trained,
         loader,
         sampler,
@@ -211,6 +225,7 @@ def _set_up(model: torch.nn.Module, train_set: TrainingImages, config: FitConfig
         streams,
         BatchMixer(spec, owned),
         memory_format,
+        ema,
     )
 
 
@@ -226,8 +241,10 @@ def _resume(loop: _Loop, config: FitConfig) -> tuple[list[EpochResult], int]:
     state = config.checkpoint.load(loop.model, loop.optimizer, loop.streams, common)
     loop.update = state["update"]
     if "best_epoch" in state:
-        best_weights = config.checkpoint.load_best(common)
+        best_weights = config.checkpoint.load_weights(common, "best")
         loop.best = BestEpoch(state["best_epoch"], state["best_val_accuracy"], best_weights)
+    if loop.ema is not None:
+        loop.ema.module.load_state_dict(config.checkpoint.load_weights(common, "ema"))
     loop.scheduler.step_update(loop.update)
     if distributed.world().main:
         log.info(
@@ -267,6 +284,8 @@ def _train_epoch(loop: _Loop, config: FitConfig, epoch: int) -> float:
         loss.backward()
         loop.optimizer.step()
         loop.update += 1
+        if loop.ema is not None:
+            loop.ema.update(loop.model, step=loop.update)
         loop.scheduler.step_update(loop.update)
         loss_sum += loss.detach() * len(y)  # stays on the device: no host sync per batch
         seen += len(y)
@@ -279,11 +298,13 @@ def _train_epoch(loop: _Loop, config: FitConfig, epoch: int) -> float:
 def _save(loop: _Loop, config: FitConfig, epoch: int, history: list[dict]) -> None:
     if config.checkpoint is not None and config.checkpoint.due(epoch, config.spec.epochs):
         counters = {"epoch": epoch, "update": loop.update, "history": history}
-        best = None
-        if loop.best.weights:  # saved too: a resumed run must still end with the best epoch's
+        kept = {}  # saved too: a resumed run must still end with the best epoch's, the average's
+        if loop.best.weights:
             counters |= {"best_epoch": loop.best.epoch, "best_val_accuracy": loop.best.val_accuracy}
-            best = loop.best.weights
-        config.checkpoint.save(loop.model, loop.optimizer, loop.streams, counters, best)
+            kept["best"] = loop.best.weights
+        if loop.ema is not None:
+            kept["ema"] = loop.ema.module.state_dict()
+        config.checkpoint.save(loop.model, loop.optimizer, loop.streams, counters, kept)
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> tuple[float, float]:

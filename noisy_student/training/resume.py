@@ -108,13 +108,15 @@ class MemberCheckpoint:
         optimizer: torch.optim.Optimizer,
         streams: RandomStreams,
         counters: dict[str, Any],
-        best: dict[str, torch.Tensor] | None = None,
+        kept: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> None:
-        """``best``: the weights of the best validation epoch so far, kept beside the current."""
+        """``kept``: more weights saved beside the current ones, by part: ``best`` (the best
+        validation epoch's so far), ``ema`` (the moving average's)."""
         tensors = {
             f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()
         }
-        tensors |= {f"best.{k}": v.contiguous() for k, v in (best or {}).items()}
+        for part, weights in (kept or {}).items():
+            tensors |= {f"{part}.{k}": v.detach().cpu().contiguous() for k, v in weights.items()}
         optim_tensors, optim_meta = _split_optimizer(optimizer.state_dict())
         rng_tensors, rng_meta = streams.state()
         tensor_file, meta_file = self._files(counters["epoch"])
@@ -145,9 +147,9 @@ class MemberCheckpoint:
         streams.restore(tensors, meta["rng"])
         return meta["counters"]
 
-    def load_best(self, epoch: int) -> dict[str, torch.Tensor]:
-        """The best validation epoch's weights saved with the checkpoint after ``epoch``."""
-        prefix = "best."
+    def load_weights(self, epoch: int, part: str) -> dict[str, torch.Tensor]:
+        """The weights of ``part`` (``best``, ``ema``) saved with the checkpoint after ``epoch``."""
+        prefix = f"{part}."
         tensors = load_file(self._files(epoch)[0])
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 

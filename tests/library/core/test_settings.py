@@ -52,6 +52,7 @@ def error_for(tmp_path, params) -> str:
         (lambda p: p.update(students=[]), "students:"),
         (lambda p: p["data"].update(source="folders"), "data.labeled_dir must name a folder"),
         (lambda p: p["teacher"].update(warmup_epochs=500), "warmup_epochs must be smaller"),
+        (lambda p: p["students"][1].update(ema_decay=1.0), "students.1.ema_decay:"),
         (lambda p: p["augment"]["student"].update(rotate_p=2), "augment.student.rotate_p:"),
         (
             lambda p: p["students"][0].update(mixup_p=0.6, cutmix_p=0.5),

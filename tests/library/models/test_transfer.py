@@ -228,3 +228,63 @@ def test_a_device_this_machine_lacks_is_refused_by_name():
     if torch.cuda.device_count() < 2:
         with pytest.raises(PipelineError, match=r"'cuda:1' but this machine has \d CUDA device"):
             resolve_device(CPU.model_copy(update={"device": "cuda:1"}))
+
+
+def test_a_moving_average_of_the_weights_is_what_is_validated_and_kept():
+    from noisy_student.models.classifier import Classifier, normalization
+    from noisy_student.models.inference import EVAL_BATCH_SIZE, accuracy, eval_loader
+
+    recipe = spec(epochs=4, lr=0.05, ema_decay=0.9)
+    train, val = tiny_data()
+    for keep in ("best", "last"):
+        torch.manual_seed(0)
+        model = create_model(recipe, 3)
+        raw = {}
+
+        def remember(result, model=model, raw=raw):
+            raw[result.epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+
+        history = fit(
+            model,
+            train,
+            val,
+            FitConfig(recipe, CPU, torch.device("cpu"), 0, keep, on_epoch=remember, keep=keep),
+        )
+        kept = model.state_dict()
+        assert not any(
+            all(torch.equal(kept[k], state[k]) for k in kept) for state in raw.values()
+        ), "the kept weights are one epoch's raw weights, not their average"
+        mean, std = normalization(model)
+        loader = eval_loader(val.images, EVAL_BATCH_SIZE, CPU, torch.device("cpu"))
+        score = accuracy(
+            Classifier([model], [mean], [std]), loader, val.labels, torch.device("cpu"), CPU
+        )
+        # what was validated is what is kept: the average's best (or last) epoch
+        chosen = (
+            max(h.val_accuracy for h in history) if keep == "best" else history[-1].val_accuracy
+        )
+        assert score == pytest.approx(chosen)
+
+
+def test_a_resumed_training_ends_with_the_moving_average_of_an_uninterrupted_one(tmp_path):
+    from noisy_student.training.resume import MemberCheckpoint
+
+    recipe = spec(epochs=3, lr=0.05, ema_decay=0.9)
+    train, val = tiny_data()
+
+    def run(folder):
+        torch.manual_seed(0)
+        model = create_model(recipe, 3)
+        checkpoint = MemberCheckpoint(folder, "m", every=1)
+        config = FitConfig(
+            recipe, CPU, torch.device("cpu"), 0, "ema", checkpoint=checkpoint, keep="last"
+        )
+        fit(model, train, val, config)
+        return model.state_dict(), checkpoint
+
+    whole, checkpoint = run(tmp_path)
+    for path in checkpoint._files(3):  # as if killed during the last epoch
+        path.unlink()
+    resumed, _ = run(tmp_path)
+    for key, value in whole.items():
+        assert torch.equal(value, resumed[key]), key
