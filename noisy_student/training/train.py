@@ -422,7 +422,12 @@ def check_round_flags(settings: Settings, name: str, flags: list[str]) -> None:
             given: object = True  # DVC unpacks true as a bare flag and drops false
             i += 1
         else:
-            given = type(expected)(flags[i + 1]) if i + 1 < len(flags) else None
+            value = flags[i + 1] if i + 1 < len(flags) else None
+            # DVC writes a null as None; a set value of an optional key arrives as a float
+            if value in (None, "None"):
+                given = None
+            else:
+                given = type(expected)(value) if expected is not None else float(value)
             i += 2
         if given != expected:
             raise PipelineError(f"{name}: --{key} {given} differs from params.yaml ({expected})")

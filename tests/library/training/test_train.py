@@ -24,6 +24,13 @@ def test_round_flags_must_match_params(params):
     check_round_flags(settings, "student_1", ["--transfer", "finetune", "--cutmix_p", "0.0"])
     with pytest.raises(PipelineError, match="--lr 9.0 differs from params.yaml"):
         check_round_flags(settings, "student_1", ["--lr", "9"])
+    check_round_flags(settings, "student_1", ["--ema_decay", "None"])  # how DVC writes a null
+    with pytest.raises(PipelineError, match="--ema_decay 0.999 differs from params.yaml"):
+        check_round_flags(settings, "student_1", ["--ema_decay", "0.999"])
+    ema = params | {"students": [s1 | {"ema_decay": 0.999}, *params["students"][1:]]}
+    check_round_flags(Settings.model_validate(ema), "student_1", ["--ema_decay", "0.999"])
+    with pytest.raises(PipelineError, match="--ema_decay None differs from params.yaml"):
+        check_round_flags(Settings.model_validate(ema), "student_1", ["--ema_decay", "None"])
     with pytest.raises(PipelineError, match="unknown option --colour"):
         check_round_flags(settings, "student_1", ["--colour", "red"])
 
