@@ -49,6 +49,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +79,20 @@ log = logging.getLogger("bench.accuracy")
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 UPPER = "fully_supervised"
-# name -> (what the table calls it, the params it changes: a recipe file or dotted keys)
-VARIANTS: dict[str, tuple[str, Path | dict[str, Any]]] = {
+
+
+def one_more_round(raw: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml's rounds and one more: the last round's recipe again, taught by the last
+    round (Noisy Student's third iteration; a recipe file cannot append to a list)."""
+    rounds = raw["students"]
+    extra = rounds[-1] | {"name": f"student_{len(rounds) + 1}", "teacher": rounds[-1]["name"]}
+    return {"students": [*rounds, extra]}
+
+
+Changes = Path | dict[str, Any] | Callable[[dict[str, Any]], dict[str, Any]]
+# name -> (what the table calls it, the params it changes: a recipe file, dotted keys, or a
+# function of params.yaml's contents)
+VARIANTS: dict[str, tuple[str, Changes]] = {
     "baseline": ("Noisy Student as in params.yaml", {}),
     "no_noise": ("no student noise (configs/no_noise.yaml)", CONFIGS / "no_noise.yaml"),
     "soft_labels": (
@@ -96,6 +109,7 @@ VARIANTS: dict[str, tuple[str, Path | dict[str, Any]]] = {
         "students keep a moving average of their weights (configs/ema_weights.yaml)",
         CONFIGS / "ema_weights.yaml",
     ),
+    "three_rounds": ("a third round: the last round's recipe again", one_more_round),
     "no_promotion": (
         "promotion off: every student teaches the next round (selection.margin null)",
         {"selection.margin": None},
@@ -202,7 +216,11 @@ def evaluate_run(settings: Settings, layout: Layout) -> dict:
 
 def variant_overrides(name: str, params_file: Path) -> dict[str, Any]:
     changes = VARIANTS[name][1]
-    return load_recipe(changes, params_file) if isinstance(changes, Path) else dict(changes)
+    if isinstance(changes, Path):
+        return load_recipe(changes, params_file)
+    if callable(changes):
+        return changes(yaml.safe_load(params_file.read_text()))
+    return dict(changes)
 
 
 def digest(payload: Any) -> str:
