@@ -89,6 +89,13 @@ def one_more_round(raw: dict[str, Any]) -> dict[str, Any]:
     return {"students": [*rounds, extra]}
 
 
+def weak_last_round(raw: dict[str, Any]) -> dict[str, Any]:
+    """The last round cut to 4 epochs: a round made not to pay, for the promotion rule to
+    catch (or not) on a small validation set."""
+    last = len(raw["students"]) - 1
+    return {f"students.{last}.epochs": 4, f"students.{last}.warmup_epochs": 0}
+
+
 Changes = Path | dict[str, Any] | Callable[[dict[str, Any]], dict[str, Any]]
 # name -> (what the table calls it, the params it changes: a recipe file, dotted keys, or a
 # function of params.yaml's contents)
@@ -110,6 +117,7 @@ VARIANTS: dict[str, tuple[str, Changes]] = {
         CONFIGS / "ema_weights.yaml",
     ),
     "three_rounds": ("a third round: the last round's recipe again", one_more_round),
+    "weak_last_round": ("the last round cut to 4 epochs (made not to pay)", weak_last_round),
     "no_promotion": (
         "promotion off: every student teaches the next round (selection.margin null)",
         {"selection.margin": None},
