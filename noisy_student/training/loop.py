@@ -169,7 +169,8 @@ def _set_up(model: torch.nn.Module, train_set: TrainingImages, config: FitConfig
     memory_format = device_memory_format(device, runtime)
     model.to(device=device, memory_format=memory_format)
     mean, std = normalization(model)
-    # evaluation runs on rank 0 alone, on the plain model: DDP's forward is a collective call
+    # evaluation runs on rank 0 alone, on the plain model (or its average): DDP's forward is a
+    # collective call
     classifier = Classifier([model], [mean], [std]).to(device)  # shares the model's weights
     trained = validated = classifier
     if here.size > 1:  # gradients averaged across processes at every backward
