@@ -108,6 +108,22 @@ def test_accuracy_benchmark_takes_its_steps_from_dvc_yaml(tiny_params, tmp_path)
     assert [s.stage for s in run if "@" in s.stage] == ["pseudo_label@0", "train_student@0"]
 
 
+def test_variants_that_are_functions_of_params_yaml_add_a_round_or_weaken_the_last():
+    params = ROOT / "params.yaml"
+    rounds = load_settings(params, accuracy.variant_overrides("three_rounds", params)).students
+    last = load_settings(params).students[-1]
+    assert [(s.name, s.teacher) for s in rounds[-2:]] == [
+        (last.name, last.teacher),
+        (f"student_{len(rounds)}", last.name),
+    ]
+    assert rounds[-1].model_dump(exclude={"name", "teacher"}) == last.model_dump(
+        exclude={"name", "teacher"}
+    )
+    weak = load_settings(params, accuracy.variant_overrides("weak_last_round", params))
+    assert (weak.students[-1].epochs, weak.students[-1].warmup_epochs) == (4, 0)
+    assert weak.students[:-1] == load_settings(params).students[:-1]
+
+
 def test_compare_refuses_a_revision_without_the_package():
     with pytest.raises(PipelineError, match="noisy_student package"):
         compare.module_at("a726fc9", "noisy_student/pseudo_labels/labeling.py")
