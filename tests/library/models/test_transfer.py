@@ -196,20 +196,27 @@ def test_a_hub_model_name_is_accepted_and_fails_clearly_offline(monkeypatch):
         create_model(recipe, 3)
 
 
+def fit_remembering(recipe: ModelTraining, keep: str, train, val):
+    """A model fitted from seed 0 keeping ``keep``, its history, and every epoch's raw weights
+    as they stood when the epoch was validated."""
+    torch.manual_seed(0)
+    model = create_model(recipe, 3)
+    states = {}
+
+    def remember(result):
+        states[result.epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    config = FitConfig(recipe, CPU, torch.device("cpu"), 0, keep, on_epoch=remember, keep=keep)
+    history = fit(model, train, val, config)
+    return model, history, states
+
+
 def test_keep_best_ends_with_the_best_validation_epoch_and_last_with_the_last():
     recipe = spec(epochs=4, lr=0.05)
     train, val = tiny_data()
     kept = {}
     for keep in ("best", "last"):
-        torch.manual_seed(0)
-        model = create_model(recipe, 3)
-        states = {}
-
-        def remember(result, model=model, states=states):
-            states[result.epoch] = {k: v.clone() for k, v in model.state_dict().items()}
-
-        config = FitConfig(recipe, CPU, torch.device("cpu"), 0, keep, on_epoch=remember, keep=keep)
-        history = fit(model, train, val, config)
+        model, history, states = fit_remembering(recipe, keep, train, val)
         kept[keep] = (model.state_dict(), history, states)
     state, history, states = kept["best"]
     best = max(h.val_accuracy for h in history)
@@ -237,19 +244,7 @@ def test_a_moving_average_of_the_weights_is_what_is_validated_and_kept():
     recipe = spec(epochs=4, lr=0.05, ema_decay=0.9)
     train, val = tiny_data()
     for keep in ("best", "last"):
-        torch.manual_seed(0)
-        model = create_model(recipe, 3)
-        raw = {}
-
-        def remember(result, model=model, raw=raw):
-            raw[result.epoch] = {k: v.clone() for k, v in model.state_dict().items()}
-
-        history = fit(
-            model,
-            train,
-            val,
-            FitConfig(recipe, CPU, torch.device("cpu"), 0, keep, on_epoch=remember, keep=keep),
-        )
+        model, history, raw = fit_remembering(recipe, keep, train, val)
         kept = model.state_dict()
         assert not any(
             all(torch.equal(kept[k], state[k]) for k in kept) for state in raw.values()
