@@ -226,6 +226,7 @@ def test_scale_benchmark_measures_a_fresh_process_per_pool(bench_params, tmp_pat
     assert "| 600 |" in (tmp_path / "scale.md").read_text()
 
 
+@pytest.mark.slow
 def test_storage_benchmark_weighs_each_storage_with_its_dvc_cache(bench_params, tmp_path):
     result = storage.run(
         pools=(6,), size=64, sides=(100, 160), workers=(1,), params_file=bench_params,
@@ -284,6 +285,7 @@ def test_foreign_images_are_no_two_alike_and_make_the_share_of_the_pool_asked(tm
     assert len(list((root / "labeled").rglob("*.png"))) == 10 * settings.data.labels_per_class
 
 
+@pytest.mark.slow
 def test_foreign_benchmark_counts_what_each_round_did_with_the_foreign_images(
     bench_params, tmp_path
 ):
@@ -307,6 +309,7 @@ def test_foreign_benchmark_counts_what_each_round_did_with_the_foreign_images(
     assert len(accuracy.read_records(out / "foreign_pseudo.jsonl")) == 3
 
 
+@pytest.mark.slow
 def test_active_benchmark_moves_the_picks_into_the_labeled_folders_and_retrains(
     bench_params, tmp_path
 ):
