@@ -7,7 +7,8 @@
     python -m noisy_student.recipes configs/distillation.yaml --json  # the changes as JSON:
         prefect deployment run 'self-training/demo' --param overrides="$(...)"
 
-A recipe holds only what it changes, e.g. ``distill.enabled: true``; the changes are checked
+A recipe holds only what it changes, e.g. ``distill.enabled: true`` (``students.*.drop_rate``:
+every round's, one ``-S`` per round of the project's params.yaml); the changes are checked
 against params.yaml like the file itself (an unknown key or a wrong value stops before any work).
 With ``--temp`` or ``--queue`` the experiment runs in a copy of the project (the workspace's
 outputs stay as they are; ``dvc exp apply <name>`` brings its results in); its trainings still
@@ -33,6 +34,7 @@ from noisy_student.core.settings import (
     PARAMS_FILE,
     Settings,
     apply_overrides,
+    expand_overrides,
     format_validation_error,
 )
 
@@ -86,7 +88,8 @@ def main() -> None:
         print(json.dumps(changes))
         return
     flags = ["--temp"] * args.temp + ["--queue"] * args.queue
-    command = dvc_command(Path(args.recipe), changes, flags)
+    raw = yaml.safe_load(Path(args.params).read_text())
+    command = dvc_command(Path(args.recipe), expand_overrides(raw, changes), flags)
     print(shlex.join(command), flush=True)
     if not args.print:
         sys.exit(subprocess.call(command))

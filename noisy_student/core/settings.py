@@ -331,12 +331,42 @@ class Settings(Strict):
         return ["teacher", *(s.name for s in self.students)]
 
 
+def expand_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The dotted keys with each ``*`` standing for a list's positions replaced by every one of
+    them in ``raw``: ``students.*.drop_rate`` is one key per round, so a recipe that changes
+    every student still does when a user adds a round. Other keys are left as they are."""
+    expanded: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        expanded |= dict.fromkeys(_expand(raw, dotted, dotted.split("."), []), value)
+    return expanded
+
+
+def _expand(node: Any, dotted: str, parts: list[str], done: list[str]) -> list[str]:
+    if not parts:
+        return [".".join(done)]
+    part, rest = parts[0], parts[1:]
+    if part == "*":
+        if not isinstance(node, list):
+            where = ".".join(done) or "the top level"
+            raise PipelineError(f"override '{dotted}': '*' stands for every item of a list, "
+                                f"and params.yaml's {where} is not a list")  # fmt: skip
+        return [
+            k for i, item in enumerate(node) for k in _expand(item, dotted, rest, [*done, str(i)])
+        ]
+    if isinstance(node, dict) and part in node:
+        return _expand(node[part], dotted, rest, [*done, part])
+    if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        return _expand(node[int(part)], dotted, rest, [*done, part])
+    return [".".join([*done, *parts])]  # not there: apply_overrides names the key
+
+
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys (``pseudo_label.threshold``) in a copy of the raw params."""
+    """Set dotted keys (``pseudo_label.threshold``; ``students.*.epochs``: every round's) in a
+    copy of the raw params."""
     import copy
 
     result = copy.deepcopy(raw)
-    for dotted, value in overrides.items():
+    for dotted, value in expand_overrides(raw, overrides).items():
         node: Any = result
         parts = dotted.split(".")
         for depth, part in enumerate(parts):

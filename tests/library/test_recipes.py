@@ -54,6 +54,20 @@ def test_dvc_command_sets_each_key():
     ]  # fmt: skip
 
 
+def test_a_recipe_for_every_student_sets_each_round_of_the_project(tmp_path, monkeypatch, capsys):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["students"] = params["students"][:2]  # a project with two rounds
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    assert (
+        run_main("noisy_student.recipes", [str(ROOT / "configs/ema_weights.yaml"), "--print"]) == 0
+    )
+    command = capsys.readouterr().out.split()
+    assert [a for a in command if a.startswith("students.")] == [
+        "students.0.ema_decay=0.999", "students.1.ema_decay=0.999"
+    ]  # fmt: skip
+
+
 def test_a_bad_recipe_names_the_file_and_key(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "typo.yaml"
     bad.write_text("distill.enabeld: true\n")

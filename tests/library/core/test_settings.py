@@ -6,7 +6,7 @@ import pytest
 
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
-from noisy_student.core.settings import Settings, apply_overrides, load_settings
+from noisy_student.core.settings import Settings, apply_overrides, expand_overrides, load_settings
 from tests.helpers.entry import run_main
 from tests.helpers.project import ROOT, write_params
 
@@ -96,6 +96,21 @@ def test_overrides_are_validated_like_params(params):
     assert settings.students[1].model == "resnet18"
     with pytest.raises(PipelineError, match="no key 'treshold'"):
         apply_overrides(params, {"pseudo_label.treshold": 0.9})
+
+
+def test_a_star_stands_for_every_round(params):
+    params["students"].append({**params["students"][-1], "name": "student_9"})
+    raw = apply_overrides(params, {"students.*.drop_rate": 0.0, "students.1.drop_rate": 0.2})
+    assert [s["drop_rate"] for s in raw["students"]] == [0.0, 0.2] + [0.0] * (
+        len(raw["students"]) - 2
+    )
+    assert expand_overrides(params, {"students.*.epochs": 3}) == {
+        f"students.{i}.epochs": 3 for i in range(len(params["students"]))
+    }
+    with pytest.raises(PipelineError, match=r"'teacher.\*.lr': .* teacher is not a list"):
+        apply_overrides(params, {"teacher.*.lr": 0.1})
+    with pytest.raises(PipelineError, match="no key 'lrr'"):
+        apply_overrides(params, {"students.*.lrr": 0.1})
 
 
 def test_overrides_leave_the_original_untouched(params):
