@@ -582,10 +582,7 @@ def render(records: list[dict]) -> str:
     by_setting = {
         s: [r for r in records if (r["dataset"], r["labels_per_class"]) == s] for s in settings
     }
-    models = {}
-    for s, rows in by_setting.items():
-        base = [r for r in rows if r["variant"] == "baseline"]
-        models[s] = list(base[0]["test_accuracy"]) if base else ["teacher"]
+    models = {s: round_models(rows, "baseline") for s, rows in by_setting.items()}
     rounds = max((len(m) for m in models.values()), default=1)
     head = "| test accuracy, % (mean ± std over seeds) | " + " | ".join(
         setting_name(*s) for s in settings
@@ -622,11 +619,12 @@ def render(records: list[dict]) -> str:
     for variant, (label, _) in VARIANTS.items():
         if variant == "baseline" or variant not in ran:  # variants not run: no rows
             continue
-        for r in range(1, rounds):
+        own = {s: round_models(by_setting[s], variant) for s in settings}
+        for r in range(1, max(len(m) for m in own.values())):  # its own rounds: maybe more
             cells = []
             for s in settings:
-                acc = of(s, variant, model_at(s, r))
-                base = of(s, "baseline", model_at(s, r))
+                name = own[s][r] if r < len(own[s]) else None
+                acc, base = of(s, variant, name), of(s, "baseline", name)
                 paired = sorted(set(acc) & set(base))
                 delta = ""
                 if paired:
@@ -639,7 +637,7 @@ def render(records: list[dict]) -> str:
                 [pct(of(s, variant, CHAMPION)) for s in settings])  # fmt: skip
             claims(variant, label)
 
-    lines += ["", pseudo_table(by_setting, settings, models)]
+    lines += ["", pseudo_table(by_setting, settings)]
     lines += ["", seed_table(records)]
     return "\n".join(lines) + "\n"
 
@@ -678,15 +676,22 @@ def seed_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def pseudo_table(by_setting: dict, settings: list, models: dict) -> str:
+def round_models(rows: list[dict], variant: str) -> list[str]:
+    """The variant's models in round order, teacher first, as its longest run trained them (a
+    variant may add rounds to params.yaml's)."""
+    runs = [list(r["test_accuracy"]) for r in rows if r["variant"] == variant and "champion" in r]
+    return max(runs, key=len, default=["teacher"])
+
+
+def pseudo_table(by_setting: dict, settings: list) -> str:
     """Per variant and round: share of the pool kept, and how many of the kept labels were right."""
     head = "| pseudo-labels: kept of the pool / kept correct, % (mean over seeds) | "
     lines = [head + " | ".join(setting_name(*s) for s in settings) + " |"]
     lines.append("|---" * (len(settings) + 1) + "|")
-    rounds = max(len(m) for m in models.values())
     ran = {r["variant"] for rows in by_setting.values() for r in rows}
     for variant in (v for v in VARIANTS if v in ran):
-        for r in range(1, rounds):
+        models = {s: round_models(by_setting[s], variant) for s in settings}
+        for r in range(1, max(len(m) for m in models.values())):
             cells = []
             for s in settings:
                 name = models[s][r] if r < len(models[s]) else None

@@ -59,6 +59,19 @@ def test_gap_closed_by_the_model_shipped_and_the_every_seed_checks():
     assert "| digits, 3 labels/class | 1 | baseline | 84.0 |" in table  # the per-seed table
 
 
+def test_a_variant_with_more_rounds_than_params_yaml_shows_each_of_them():
+    two = {"teacher": 0.8, "student_1": 0.86, "student_2": 0.9}
+    three = {**two, "student_3": 0.94}
+    pseudo = {name: {"pool_images": 10, "kept": 5, "kept_accuracy": 1.0} for name in three}
+    records = [record("baseline", 0, two), record("three_rounds", 0, three)]
+    records[1]["pseudo_labels"] = pseudo
+    table = accuracy.render(records)
+    again = "the last round's recipe again"
+    assert f"{again}, round 2 | 90.0 ± 0.0 (n=1), +0.0 vs params.yaml |" in table
+    assert f"{again}, round 3 | 94.0 ± 0.0 (n=1) |" in table  # the baseline has no round 3
+    assert "| three_rounds, for round 3 | 50.0 / 100.0 |" in table
+
+
 def test_a_model_shipped_below_its_teacher_on_one_seed_is_flagged():
     teachers = [0.8, 0.81, 0.79]
     worse = [
