@@ -6,6 +6,9 @@ missing there is an error, not a silent default in code.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from noisy_student.core.atomic import write_text
 from noisy_student.core.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
@@ -32,10 +36,36 @@ PositiveFloat = Annotated[float, Field(gt=0.0)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 
 
+def confirmed_names_file() -> Path:
+    """Where the registry names this timm version has confirmed are kept, one per line.
+
+    Importing timm (and with it torch and torchvision) to look a name up costs 3-4 s, in every
+    stage process, scan and prepare included, which need neither; a name timm confirmed once is
+    known to the same version for good. Only confirmations are kept: an unknown name always asks
+    timm, so the cache can make a check faster, never different."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "noisy_student" / f"timm-{version('timm')}-models.txt"
+
+
+def confirmed_names() -> set[str]:
+    try:
+        return set(confirmed_names_file().read_text().split())
+    except OSError:
+        return set()
+
+
+def confirm_name(name: str) -> None:
+    names = confirmed_names() | {name}
+    with contextlib.suppress(OSError):  # a cache that cannot be written only costs time
+        write_text(confirmed_names_file(), "".join(f"{n}\n" for n in sorted(names)))
+
+
 def known_timm_model(name: str) -> str:
     """A name as ``timm.create_model`` takes it: a registry name (``resnet18``,
     ``resnet18.a1_in1k``), a Hugging Face Hub model (``hf-hub:timm/resnet18.a1_in1k``: checked
     when created, it needs the hub or its cache) or a local folder (``local-dir:path``)."""
+    if name in confirmed_names():  # registry names only (see confirmed_names_file)
+        return name
     import timm  # imported here: timm pulls in torch, which only model users need
     from timm.models._factory import parse_model_name  # timm's own reading of the prefixes
 
@@ -53,6 +83,7 @@ def known_timm_model(name: str) -> str:
         close = timm.list_models(f"*{name[:4]}*")[:5]
         hint = f" (close names: {', '.join(close)})" if close else ""
         raise ValueError(f"unknown timm model '{name}'{hint}")
+    confirm_name(name)
     return name
 
 

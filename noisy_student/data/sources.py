@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from importlib.metadata import version
 from pathlib import Path
 
 from noisy_student.core.atomic import write_text
@@ -92,9 +93,8 @@ def scan(settings: Settings, layout: Layout) -> dict:
     """Write ``layout.sources`` (only when it changed, so its timestamp means something too)."""
     data = settings.data
     if data.source == "digits":
-        import sklearn
-
-        manifest: dict = {"source": "digits", "scikit-learn": sklearn.__version__}
+        # the version from the package's metadata: importing scikit-learn costs ~0.8 s per scan
+        manifest: dict = {"source": "digits", "scikit-learn": version("scikit-learn")}
     else:
         cache = DigestCache(layout.scan_cache)
         manifest = {"source": data.source}

@@ -160,3 +160,24 @@ def test_loader_workers_auto_leaves_the_cpu_to_the_model_and_feeds_a_gpu(monkeyp
     assert loader_workers("auto", torch.device("cuda", 0), processes=4) == 3  # 4 cores each
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert loader_workers("auto", torch.device("cuda", 0), processes=4) == 1
+
+
+def test_a_model_name_timm_confirmed_once_is_checked_without_importing_timm(tmp_path, monkeypatch):
+    """The confirmed-names cache spares scan and prepare the 3-4 s of importing timm; an unknown
+    name is never cached, so it still reaches timm and its error."""
+    import subprocess
+    import sys
+
+    from noisy_student.core.settings import confirmed_names_file, known_timm_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert known_timm_model("resnet18") == "resnet18"
+    with pytest.raises(ValueError, match="unknown timm model 'resnet_9000'"):
+        known_timm_model("resnet_9000")
+    assert confirmed_names_file().read_text() == "resnet18\n"
+    check = (
+        "import sys; from noisy_student.core.settings import known_timm_model as k; "
+        "k('resnet18'); print(sorted(m for m in ('timm', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr
