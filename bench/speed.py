@@ -47,7 +47,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.synthetic import CLASSES, layout, write_model, write_pool
-from noisy_student.augment.policy import TrainTransform, build_policy, randaugment
+from noisy_student.augment.batched import BatchAugment
+from noisy_student.augment.policy import build_policy
+from noisy_student.augment.streams import OwnedRandom
 from noisy_student.core.atomic import write_text
 from noisy_student.core.settings import (
     PARAMS_FILE,
@@ -65,6 +67,7 @@ from noisy_student.models.transfer import create_optimizer
 from noisy_student.pseudo_labels.labeling import pseudo_label
 from noisy_student.training.loop import FitConfig, fit, seed_everything
 from noisy_student.training.resume import Checkpoints
+from noisy_student.training.train import member_augmentation
 
 log = logging.getLogger("bench.speed")
 
@@ -74,12 +77,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def settings_for(params_file: Path, size: int, device: str, workers: int | None) -> Settings:
+def settings_for(
+    params_file: Path, size: int, device: str, workers: int | None, backend: str | None = None
+) -> Settings:
     overrides: dict[str, Any] = {
         "data.image_size": size,
         "runtime.device": device,
         "pseudo_label.threshold": 0.0,  # an untrained model's confidences: keep every row
     }
+    if backend is not None:
+        overrides["augment.backend"] = backend
     if workers is not None:
         overrides["runtime.num_workers"] = workers
     return load_settings(params_file, overrides)
@@ -169,18 +176,20 @@ class BareInference:
         return self.batch * steps / (time.perf_counter() - start)
 
 
-def training_set(settings: Settings, spec: ModelTraining, data_dir: Path) -> TrainingImages:
-    """A prepared split on disk as the students read theirs, with the students' augmentation."""
+def training_set(
+    settings: Settings, spec: ModelTraining, data_dir: Path
+) -> tuple[TrainingImages, BatchAugment | None]:
+    """A prepared split on disk as the students read theirs, with the students' augmentation:
+    per image in the loader, or (``augment.backend: batched``) the batch's, which fit applies."""
     split = load_split("labeled", data_dir)
     targets = one_hot(split.labels, len(CLASSES), spec.label_smoothing)
     size = settings.data.image_size
     items = TrainingImages(
         split.images, np.arange(len(split)), targets, np.zeros(len(split), np.float32)
     )
-    noise = randaugment(spec.randaugment_n, spec.randaugment_m, size)
     policy = build_policy(settings.augment.student, size, seed=0)
-    items.transform = TrainTransform(policy, noise if spec.randaugment_n > 0 else None)
-    return items
+    items.transform, batched = member_augmentation(settings, spec, policy, OwnedRandom(0), 0)
+    return items, batched
 
 
 def interleaved_training(
@@ -193,6 +202,7 @@ def interleaved_training(
     steps: int,
     compile_: bool,
     work: Path,
+    batched: BatchAugment | None = None,
 ) -> dict[str, list[float]]:
     """noisy_student.training.loop.fit itself, as a training runs it (checkpoints every
     ``runtime.checkpoint_epochs``), with a bare measurement before it and inside its
@@ -215,7 +225,7 @@ def interleaved_training(
 
     config = FitConfig(
         spec, settings.runtime, device, 0, "speed", on_epoch=on_epoch,
-        checkpoint=checkpoint.member("speed"),
+        checkpoint=checkpoint.member("speed"), augment=batched,
     )  # fmt: skip
     history = fit(net, items, val, config)
     walls = [end - resume for end, resume in zip(ends[1:], resumes, strict=False)]
@@ -285,12 +295,14 @@ def measure_size(
     train_images = round_to(probe * seconds, batch, 4 * batch, 200_000)
     steps = max(3, train_images // batch)
     write_pool(work / "train", train_images, size, split="labeled")
-    items = training_set(settings, spec, work / "train")
+    items, batched = training_set(settings, spec, work / "train")
     val = load_split("labeled", work / "train")
     val = Split(val.images[:batch], val.ids[:batch], val.labels[:batch], val.true_labels[:batch])
 
     log.info("size %d: training, %d images per epoch, %d epochs", size, train_images, epochs)
-    timed = interleaved_training(spec, settings, device, items, val, bare, steps, compile_, work)
+    timed = interleaved_training(
+        spec, settings, device, items, val, bare, steps, compile_, work, batched
+    )
     fit_ips, bare_ips = timed["fit_ips"], timed["bare_train_ips"]
     del bare
     loader = loader_alone(settings, spec, items, device)
@@ -346,7 +358,8 @@ def precision(settings: Settings, device: torch.device) -> str:
 def render(result: dict[str, Any]) -> str:
     head = (
         f"Device: {result['device']}; torch {result['torch']}; {result['precision']}; "
-        f"DataLoader workers {result['workers']}; torch.compile "
+        f"DataLoader workers {result['workers']}; augmentation "
+        f"{result.get('augment_backend', 'per_image').replace('_', ' ')}; torch.compile "
         f"{'on' if result['compile'] else 'off'}; {result['date']}; "
         f"load average at the start {result['load_average']}.\n"
         f"Command: `{result['command']}`\n\n"
@@ -377,17 +390,18 @@ def run(
     sizes: tuple[int, ...] = (32, 128),
     model: str = "resnet18",
     workers: int | None = None,
+    backend: str | None = None,
     compile_: bool = False,
     seconds: float = 3.0,
     epochs: int = 7,
     out_dir: Path | None = Path("bench/results"),
     command: str = "",
 ) -> dict[str, Any]:
-    base = settings_for(params_file, sizes[0], device, workers)
+    base = settings_for(params_file, sizes[0], device, workers, backend)
     torch_device = resolve_device(base.runtime)
     results = []
     for size in sizes:
-        settings = settings_for(params_file, size, device, workers)
+        settings = settings_for(params_file, size, device, workers, backend)
         with tempfile.TemporaryDirectory(prefix=f"bench-speed-{size}-") as tmp:
             results.append(
                 measure_size(settings, model, size, seconds, epochs, compile_, Path(tmp))
@@ -403,13 +417,15 @@ def run(
             base.runtime.num_workers if workers is None else workers, torch_device
         ),
         "compile": compile_,
+        "augment_backend": base.augment.backend,
         "date": datetime.date.today().isoformat(),
         "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         "command": command,
         "sizes": results,
     }
     if out_dir is not None:
-        stem = out_dir / f"speed_{torch_device.type}"
+        suffix = "" if base.augment.backend == "per_image" else f"_{base.augment.backend}"
+        stem = out_dir / f"speed_{torch_device.type}{suffix}"
         write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
         write_text(stem.with_suffix(".md"), render(result))
     return result
@@ -423,6 +439,8 @@ def main() -> None:
     p.add_argument("--model", default="resnet18", help="timm name, on both sides")
     p.add_argument("--workers", type=int, help="DataLoader workers (default: params.yaml's, "
                    "auto: none on the CPU, the cores less one on a GPU)")  # fmt: skip
+    p.add_argument("--backend", choices=["per_image", "batched"],
+                   help="augment.backend (default: params.yaml's)")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="torch.compile the trained network")
     p.add_argument("--seconds", type=float, default=3.0, help="about how long each timed pass")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -435,6 +453,7 @@ def main() -> None:
         sizes=tuple(args.sizes),
         model=args.model,
         workers=args.workers,
+        backend=args.backend,
         compile_=args.compile,
         seconds=args.seconds,
         out_dir=args.out,

@@ -14,7 +14,8 @@ from pathlib import Path
 import albumentations as A
 import numpy as np
 
-from noisy_student.augment.policy import POLICIES, TrainTransform, build_policy
+from noisy_student.augment.batched import BatchAugment, BatchPolicy
+from noisy_student.augment.policy import POLICIES, TrainTransform, build_policy, source_crop
 from noisy_student.core.atomic import atomic_path
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import Settings
@@ -77,13 +78,29 @@ def augment(settings: Settings, layout: Layout) -> Path:
     source = getattr(labeled.images, "source", None)
     views = [np.asarray(labeled.images[i]) for i in picked]
     sources = [source(i) for i in picked] if source is not None else views
-    draws = {
-        name: TrainTransform(
-            policy, size=size, crop_pct=settings.data.eval_crop_pct, seed=settings.seed
-        )
-        for name, policy in policies.items()
-    }
+    draws = {name: preview_draw(settings, policy) for name, policy in policies.items()}
     with atomic_path(out / "preview.png") as tmp:
         preview_grid(views, sources, draws, aug.preview_samples, tmp)
     log.info("augmentation policies and preview written to %s", out)
     return out
+
+
+def preview_draw(settings: Settings, policy: A.Compose) -> Callable[[np.ndarray], np.ndarray]:
+    """One training draw of ``policy`` from a source image, as ``augment.backend`` runs it."""
+    data = settings.data
+    if settings.augment.backend == "per_image":
+        return TrainTransform(
+            policy, size=data.image_size, crop_pct=data.eval_crop_pct, seed=settings.seed
+        )
+    import torch
+
+    encoded = data.storage == "encoded"
+    batch = BatchAugment(BatchPolicy.from_compose(policy, crop=not encoded), 0, 0, settings.seed)
+    crop = source_crop(policy, data.image_size, data.eval_crop_pct, settings.seed)
+
+    def draw(source: np.ndarray) -> np.ndarray:
+        square = crop(source) if encoded else source
+        x = torch.from_numpy(np.ascontiguousarray(square.transpose(2, 0, 1))).float()[None]
+        return batch(x)[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+    return draw

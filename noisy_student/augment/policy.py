@@ -137,3 +137,10 @@ class TrainTransform:
         if square.shape[:2] != (self.size, self.size):
             square = center_view(square, self.size, self.crop_pct)
         return square
+
+
+def source_crop(policy: A.Compose, size: int, crop_pct: float, seed: int) -> TrainTransform:
+    """The policy's RandomResizedCrop alone, per image, for ``augment.backend: batched`` on the
+    encoded storage: the crop is taken from the source image, the rest runs on the batch."""
+    crop = seed_policy(A.Compose([copy.deepcopy(policy.transforms[0])]), seed)
+    return TrainTransform(crop, size=size, crop_pct=crop_pct, seed=seed)

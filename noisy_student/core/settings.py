@@ -168,6 +168,7 @@ class PolicySettings(Strict):
 class AugmentSettings(Strict):
     teacher: PolicySettings
     student: PolicySettings
+    backend: Literal["per_image", "batched"]
     preview_images: Annotated[int, Field(ge=1, le=64)]
     preview_samples: Annotated[int, Field(ge=1, le=16)]
 

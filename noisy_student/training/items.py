@@ -91,6 +91,6 @@ def pool_label_targets(
     return sharpen(pseudo.probs, cfg.temperature)
 
 
-def attach_transform(dataset: Dataset, transform: TrainTransform) -> None:
+def attach_transform(dataset: Dataset, transform: TrainTransform | None) -> None:
     for part in getattr(dataset, "datasets", [dataset]):
         part.transform = transform

@@ -13,6 +13,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3, random_seed
 from torch.nn.parallel import DistributedDataParallel
 
+from noisy_student.augment.batched import BatchAugment
 from noisy_student.augment.streams import OwnedRandom
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.progress import Progress, track
@@ -74,6 +75,7 @@ class FitConfig:
     on_first_batch: Callable[[torch.Tensor], None] | None = None
     checkpoint: MemberCheckpoint | None = None
     keep: Literal["best", "last"] = "last"
+    augment: BatchAugment | None = None  # augment.backend batched: the batch's augmentation
 
 
 @dataclass
@@ -203,9 +205,14 @@ def _set_up(model: torch.nn.Module, train_set: TrainingImages, config: FitConfig
     scheduler.step_update(0)  # applies each group's lr_scale from the very first batch
     transforms = [d.transform for d in parts(train_set) if d.transform is not None]
     # the generators timm's RandAugment and Mixup draw from: one pair, as the global ones were
-    owned = transforms[0].owned if transforms else OwnedRandom(config.seed)
+    # (augment.backend batched with arrays: no per-image transform; Mixup's own pair, per process)
+    owned = (
+        transforms[0].owned
+        if transforms
+        else OwnedRandom(config.seed + WORKER_SEED_STRIDE * here.rank)
+    )
     policy = transforms[0].policy if transforms else None
-    streams = RandomStreams(policy, owned, loader.generator)
+    streams = RandomStreams(policy, owned, loader.generator, config.augment)
     # timm's warmup: a few hundred updates (a few-label training) average over about
     # update^(2/3) of them instead of waiting 1 / (1 - decay) updates for the start to fade
     ema = (
@@ -270,6 +277,8 @@ def _train_epoch(loop: _Loop, config: FitConfig, epoch: int) -> float:
         enabled=here.main,
     ):  # fmt: skip
         x = images.to(device, non_blocking=True).float()
+        if config.augment is not None:
+            x = config.augment(x)
         y = targets.to(device, non_blocking=True)
         k = kd_weights.to(device, non_blocking=True)
         q = teacher_probs.to(device, non_blocking=True)

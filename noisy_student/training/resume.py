@@ -180,10 +180,17 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 class RandomStreams:
     """Every random stream a training draws from, captured and restored together."""
 
-    def __init__(self, policy: Any | None, owned: OwnedRandom, generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        policy: Any | None,
+        owned: OwnedRandom,
+        generator: torch.Generator,
+        batched: Any | None = None,
+    ) -> None:
         self.policy = policy  # an albumentations Compose (its own NumPy and Python generators)
         self.owned = owned  # timm's RandAugment and Mixup draw from these
         self.generator = generator  # the DataLoader's: shuffling, and the workers' seeds
+        self.batched = batched  # augment.backend batched: augment.batched.BatchAugment
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -200,6 +207,8 @@ class RandomStreams:
             "python": jsonable(random.getstate()),
             "owned": self.owned.state(),
         }
+        if self.batched is not None:
+            meta["batched"] = self.batched.state()
         if self.policy is not None:
             meta["policy_numpy"] = self.policy.random_generator.bit_generator.state
             meta["policy_python"] = jsonable(self.policy.py_random.getstate())
@@ -216,6 +225,8 @@ class RandomStreams:
         cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
         if cuda and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+        if self.batched is not None:
+            self.batched.restore(meta["batched"])
         if self.policy is not None:
             self.policy.random_generator.bit_generator.state = meta["policy_numpy"]
             self.policy.py_random.setstate(tupled(meta["policy_python"]))

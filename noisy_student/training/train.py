@@ -22,7 +22,14 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from noisy_student.augment.policy import TrainTransform, load_policy, randaugment, seed_policy
+from noisy_student.augment.batched import BatchAugment, BatchPolicy
+from noisy_student.augment.policy import (
+    TrainTransform,
+    load_policy,
+    randaugment,
+    seed_policy,
+    source_crop,
+)
 from noisy_student.augment.streams import OwnedRandom
 from noisy_student.core.atomic import atomic_path
 from noisy_student.core.errors import PipelineError
@@ -358,21 +365,16 @@ def train_member(
     seed_everything(seed)
     seed_policy(policy, seed)
     owned = OwnedRandom(seed)  # RandAugment's and Mixup's: nothing else in the process draws them
-    noise = randaugment(spec.randaugment_n, spec.randaugment_m, settings.data.image_size)
-    transform = TrainTransform(
-        policy,
-        noise if spec.randaugment_n > 0 else None,
-        owned,
-        size=settings.data.image_size,
-        crop_pct=settings.data.eval_crop_pct,
-        seed=seed,
-    )
+    transform, batched = member_augmentation(settings, spec, policy, owned, seed)
     attach_transform(train_set, transform)
     net = create_model(spec, len(classes), architecture)
     rank = distributed.world().rank
     if rank > 0:  # the same initial weights everywhere, but each process its own noise
         seed_everything(seed + RANK_SEED_STRIDE * rank)
-        transform.reseed(seed + RANK_SEED_STRIDE * rank)
+        if transform is not None:
+            transform.reseed(seed + RANK_SEED_STRIDE * rank)
+        if batched is not None:
+            batched.reseed(seed + RANK_SEED_STRIDE * rank)
 
     def on_epoch(result: EpochResult) -> None:
         metrics = {
@@ -396,9 +398,40 @@ def train_member(
         on_first_batch=log_batch_image,
         checkpoint=checkpoint,
         keep=settings.selection.epoch,
+        augment=batched,
     )
     history = fit(net, train_set, val, config)
     return net, history
+
+
+def member_augmentation(
+    settings: Settings, spec: ModelTraining, policy, owned: OwnedRandom, seed: int
+) -> tuple[TrainTransform | None, BatchAugment | None]:
+    """The per-image transform the loader applies and the batched one the loop applies
+    (``augment.backend``). Batched, the loader only crops where the storage keeps source images
+    (encoded: the crop is taken from the source resolution), and the rest runs on the batch."""
+    data = settings.data
+    if settings.augment.backend == "per_image":
+        noise = randaugment(spec.randaugment_n, spec.randaugment_m, data.image_size)
+        transform = TrainTransform(
+            policy,
+            noise if spec.randaugment_n > 0 else None,
+            owned,
+            size=data.image_size,
+            crop_pct=data.eval_crop_pct,
+            seed=seed,
+        )
+        return transform, None
+    encoded = data.storage == "encoded"
+    batched = BatchAugment(
+        BatchPolicy.from_compose(policy, crop=not encoded),
+        spec.randaugment_n,
+        spec.randaugment_m,
+        seed,
+    )
+    if not encoded:
+        return None, batched
+    return source_crop(policy, data.image_size, data.eval_crop_pct, seed), batched
 
 
 def training_threads(runtime: RuntimeSettings) -> int:

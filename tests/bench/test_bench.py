@@ -198,12 +198,16 @@ def test_accuracy_benchmark_runs_shares_the_teacher_and_resumes(bench_params, tm
 
 
 @pytest.mark.slow
-def test_speed_benchmark_times_fit_and_pseudo_label_against_the_bare_model(bench_params, tmp_path):
+@pytest.mark.parametrize("backend", ["per_image", "batched"])
+def test_speed_benchmark_times_fit_and_pseudo_label_against_the_bare_model(
+    bench_params, tmp_path, backend
+):
     result = speed.run(
         params_file=bench_params,
         device="cpu",
         sizes=(16,),
         model="test_resnet",
+        backend=backend,
         seconds=0.2,
         epochs=3,
         out_dir=tmp_path,
@@ -213,8 +217,10 @@ def test_speed_benchmark_times_fit_and_pseudo_label_against_the_bare_model(bench
     assert len(size["fit_ips"]) == 2 and len(size["bare_train_ips"]) == 3
     assert len(size["pseudo_label_ips"]) == 5 and len(size["bare_infer_ips"]) == 6
     assert size["train_ratio"] > 0 and size["pseudo_label_ratio"] > 0
-    assert "**training ratio**" in (tmp_path / "speed_cpu.md").read_text()
-    assert json.loads((tmp_path / "speed_cpu.json").read_text())["device_type"] == "cpu"
+    stem = "speed_cpu" if backend == "per_image" else "speed_cpu_batched"
+    assert "**training ratio**" in (tmp_path / f"{stem}.md").read_text()
+    written = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert written["device_type"] == "cpu" and written["augment_backend"] == backend
 
 
 @pytest.mark.slow
