@@ -167,6 +167,7 @@ def test_every_randaugment_op_is_drawn(student_policy):
     assert out.shape == (64, 3, SIZE, SIZE) and out.min() >= 0 and out.max() <= 255
 
 
+@pytest.mark.slow
 def test_a_training_with_the_batched_backend_learns_and_repeats_itself(tmp_path, tiny_params):
     """The real teacher training (tiny), twice from the same params: the same weights to the
     byte, and better than chance on validation."""
@@ -188,6 +189,7 @@ def test_a_training_with_the_batched_backend_learns_and_repeats_itself(tmp_path,
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+@pytest.mark.slow
 def test_encoded_photos_are_cropped_from_the_source_then_batched(tmp_path, tiny_params):
     """The encoded storage keeps each photo at its own size: the loader takes the crop from the
     source (as timm's training transforms do), the batch gets the rest; the preview shows it."""
@@ -204,3 +206,42 @@ def test_encoded_photos_are_cropped_from_the_source_then_batched(tmp_path, tiny_
     assert Image.open(layout.augment / "preview.png").size[0] > 100
     history = train(settings, "teacher", layout)
     assert len(history) == 2 and all(np.isfinite(r.train_loss) for r in history)
+
+
+@pytest.mark.slow
+def test_a_batched_training_stopped_after_a_checkpoint_resumes_to_the_same_weights(
+    tmp_path, tiny_params, monkeypatch
+):
+    """The batch's draws are part of the checkpoint: stopped in epoch 3 (after checkpoint 2) and
+    run again, the training ends with the weights of one that never stopped."""
+    import noisy_student.training.loop as loop
+
+    tiny_params["augment"]["backend"] = "batched"
+    tiny_params["teacher"].update(epochs=4, randaugment_n=2, randaugment_m=7)
+    tiny_params["selection"]["epoch"] = "last"  # the weights of epoch 4, drawn after the stop
+
+    def trained(root, stop_at: int | None) -> dict:
+        params = tiny_params | {"mlflow": {**tiny_params["mlflow"]}}
+        params["mlflow"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
+        settings = Settings.model_validate(params)
+        layout = Layout.at(root)
+        prepare(settings, layout)
+        augment(settings, layout)
+        if stop_at is not None:
+            real = loop._train_epoch
+
+            def stopping(state, config, epoch):
+                if epoch == stop_at:
+                    raise RuntimeError("stopped")
+                return real(state, config, epoch)
+
+            with monkeypatch.context() as patch:
+                patch.setattr(loop, "_train_epoch", stopping)
+                with pytest.raises(RuntimeError, match="stopped"):
+                    train(settings, "teacher", layout)
+            assert not layout.model("teacher").exists()
+        train(settings, "teacher", layout)
+        return load_checkpoint(layout.model("teacher"), "cpu")[0].state_dict()
+
+    straight, resumed = trained(tmp_path / "a", None), trained(tmp_path / "b", 3)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
