@@ -209,7 +209,10 @@ def run_params(
         "seed": seed,
         "model": spec.model_dump(),
         "data": settings.data.model_dump(),
-        "augment": getattr(settings.augment, role).model_dump(),
+        "augment": {
+            **getattr(settings.augment, role).model_dump(),
+            "backend": settings.augment.backend,
+        },
         "runtime": settings.runtime.model_dump(),
         "selection": settings.selection.model_dump(),  # which epoch is kept, and the promotion
         "train_images": images,
