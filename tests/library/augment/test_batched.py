@@ -167,6 +167,18 @@ def test_every_randaugment_op_is_drawn(student_policy):
     assert out.shape == (64, 3, SIZE, SIZE) and out.min() >= 0 and out.max() <= 255
 
 
+def prepared_project(root, params: dict) -> tuple[Settings, Layout]:
+    """``params`` prepared and augmented in ``root``, with an MLflow store of its own."""
+    params = params | {
+        "mlflow": {**params["mlflow"], "tracking_uri": f"sqlite:///{root}/mlflow.db"}
+    }
+    settings = Settings.model_validate(params)
+    layout = Layout.at(root)
+    prepare(settings, layout)
+    augment(settings, layout)
+    return settings, layout
+
+
 @pytest.mark.slow
 def test_a_training_with_the_batched_backend_learns_and_repeats_itself(tmp_path, tiny_params):
     """The real teacher training (tiny), twice from the same params: the same weights to the
@@ -175,13 +187,7 @@ def test_a_training_with_the_batched_backend_learns_and_repeats_itself(tmp_path,
     tiny_params["teacher"].update(epochs=12, randaugment_n=2, randaugment_m=7)
     weights = []
     for run in ("a", "b"):
-        root = tmp_path / run
-        params = tiny_params | {"mlflow": {**tiny_params["mlflow"]}}
-        params["mlflow"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
-        settings = Settings.model_validate(params)
-        layout = Layout.at(root)
-        prepare(settings, layout)
-        augment(settings, layout)
+        settings, layout = prepared_project(tmp_path / run, tiny_params)
         history = train(settings, "teacher", layout)
         assert max(r.val_accuracy for r in history) > 0.3  # ten classes: chance is 0.1
         classifier, _ = load_checkpoint(layout.model("teacher"), "cpu")
@@ -221,12 +227,7 @@ def test_a_batched_training_stopped_after_a_checkpoint_resumes_to_the_same_weigh
     tiny_params["selection"]["epoch"] = "last"  # the weights of epoch 4, drawn after the stop
 
     def trained(root, stop_at: int | None) -> dict:
-        params = tiny_params | {"mlflow": {**tiny_params["mlflow"]}}
-        params["mlflow"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
-        settings = Settings.model_validate(params)
-        layout = Layout.at(root)
-        prepare(settings, layout)
-        augment(settings, layout)
+        settings, layout = prepared_project(root, tiny_params)
         if stop_at is not None:
             real = loop._train_epoch
 
