@@ -139,8 +139,11 @@ class TrainTransform:
         return square
 
 
-def source_crop(policy: A.Compose, size: int, crop_pct: float, seed: int) -> TrainTransform:
+def source_crop(
+    policy: A.Compose, size: int, crop_pct: float, seed: int, owned: OwnedRandom | None = None
+) -> TrainTransform:
     """The policy's RandomResizedCrop alone, per image, for ``augment.backend: batched`` on the
-    encoded storage: the crop is taken from the source image, the rest runs on the batch."""
+    encoded storage: the crop is taken from the source image, the rest runs on the batch.
+    ``owned``: the training's generators (Mixup draws from them)."""
     crop = seed_policy(A.Compose([copy.deepcopy(policy.transforms[0])]), seed)
-    return TrainTransform(crop, size=size, crop_pct=crop_pct, seed=seed)
+    return TrainTransform(crop, owned=owned, size=size, crop_pct=crop_pct, seed=seed)

@@ -434,7 +434,7 @@ def member_augmentation(
     )
     if not encoded:
         return None, batched
-    return source_crop(policy, data.image_size, data.eval_crop_pct, seed), batched
+    return source_crop(policy, data.image_size, data.eval_crop_pct, seed, owned), batched
 
 
 def training_threads(runtime: RuntimeSettings) -> int:
