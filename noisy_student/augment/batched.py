@@ -26,11 +26,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from noisy_student.core.errors import PipelineError
+
 RA_OPS = (
     "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
     "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel",
     "TranslateYRel",
 )  # fmt: skip
+POLICY_OPS = (
+    "RandomResizedCrop", "HorizontalFlip", "Rotate", "Affine", "RandomBrightnessContrast",
+    "CoarseDropout",
+)  # fmt: skip  # policy.build_policy's, in its order
 GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
 LEVEL_DENOM = 10.0  # timm's magnitude scale
 GRAY = (0.299, 0.587, 0.114)  # PIL's RGB -> L
@@ -61,6 +67,12 @@ class BatchPolicy:
         """``compose``: policy.build_policy's op list (crop, flip, rotate, affine, brightness
         and contrast, erasing). ``crop=False``: the crop was taken per image already (the
         encoded storage crops from the source image)."""
+        names = [type(op).__name__ for op in compose.transforms]
+        if names != list(POLICY_OPS):
+            raise PipelineError(
+                f"augment.backend batched: expected the policy's ops {list(POLICY_OPS)}, got "
+                f"{names} (run the augment stage again: dvc repro augment)"
+            )
         rrc, flip, rotate, affine, bc, erase = compose.transforms
         return cls(
             crop_p=rrc.p if crop else 0.0,

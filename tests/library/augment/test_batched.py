@@ -246,3 +246,12 @@ def test_a_batched_training_stopped_after_a_checkpoint_resumes_to_the_same_weigh
 
     straight, resumed = trained(tmp_path / "a", None), trained(tmp_path / "b", 3)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_policy_of_other_ops_is_refused_with_its_names():
+    import albumentations as A
+
+    from noisy_student.core.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=r"got \['HorizontalFlip'\]"):
+        BatchPolicy.from_compose(A.Compose([A.HorizontalFlip(p=0.5)]))
