@@ -58,6 +58,7 @@ from bench.speed import (
     training_set,
 )
 from bench.synthetic import layout, write_model, write_pool
+from noisy_student.augment.batched import BatchAugment
 from noisy_student.core.atomic import write_text
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
@@ -157,7 +158,14 @@ def module_at(rev: str, path: str) -> types.ModuleType:
 
 
 def fit_ips(
-    settings: Settings, spec, device, items, val: Split, create_optimizer, compile_: bool
+    settings: Settings,
+    spec,
+    device,
+    items,
+    val: Split,
+    create_optimizer,
+    compile_: bool,
+    batched: BatchAugment | None = None,
 ) -> float:
     """Best images/s of fit's epochs after the first, with ``create_optimizer`` in its place."""
     loop = noisy_student.training.loop
@@ -165,7 +173,7 @@ def fit_ips(
     loop.create_optimizer = create_optimizer  # the one difference between the sides
     try:
         net = new_model(spec, device, settings, compile_)
-        config = loop.FitConfig(spec, settings.runtime, device, 0, "compare")
+        config = loop.FitConfig(spec, settings.runtime, device, 0, "compare", augment=batched)
         history = loop.fit(net, items, val, config)
     finally:
         loop.create_optimizer = original
@@ -241,7 +249,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
         work = Path(tmp)
         write_pool(work / "train", train_images, size, split="labeled")
-        items = training_set(settings, spec, work / "train")
+        items, batched = training_set(settings, spec, work / "train")
         val = load_split("labeled", work / "train")
         val = Split(val.images[:64], val.ids[:64], val.labels[:64], val.true_labels[:64])
         write_pool(layout(work).prepared, pool, size)
@@ -259,7 +267,7 @@ def run(
             for side in order:
                 factory = old_transfer.create_optimizer if side == "before" else create_optimizer
                 sides[side]["fit"].append(
-                    fit_ips(settings, spec, torch_device, items, val, factory, compile_)
+                    fit_ips(settings, spec, torch_device, items, val, factory, compile_, batched)
                 )
             bare_train.append(bare(steps))
             for side in order:
