@@ -14,8 +14,12 @@ from pathlib import Path
 import albumentations as A
 import numpy as np
 
-from noisy_student.augment.batched import BatchAugment, BatchPolicy
-from noisy_student.augment.policy import POLICIES, TrainTransform, build_policy, source_crop
+from noisy_student.augment.policy import (
+    POLICIES,
+    TrainTransform,
+    batched_augmentation,
+    build_policy,
+)
 from noisy_student.core.atomic import atomic_path
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import Settings
@@ -94,12 +98,10 @@ def preview_draw(settings: Settings, policy: A.Compose) -> Callable[[np.ndarray]
         )
     import torch
 
-    encoded = data.storage == "encoded"
-    batch = BatchAugment(BatchPolicy.from_compose(policy, crop=not encoded), 0, 0, settings.seed)
-    crop = source_crop(policy, data.image_size, data.eval_crop_pct, settings.seed)
+    crop, batch = batched_augmentation(policy, data, 0, 0, settings.seed)
 
     def draw(source: np.ndarray) -> np.ndarray:
-        square = crop(source) if encoded else source
+        square = crop(source) if crop is not None else source
         x = torch.from_numpy(np.ascontiguousarray(square.transpose(2, 0, 1))).float()[None]
         return batch(x)[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 

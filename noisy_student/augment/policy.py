@@ -13,8 +13,9 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from noisy_student.augment.batched import BatchAugment, BatchPolicy
 from noisy_student.augment.streams import OwnedRandom
-from noisy_student.core.settings import PolicySettings
+from noisy_student.core.settings import DataSettings, PolicySettings
 from noisy_student.data.images import center_view
 
 POLICIES = ("teacher", "student")
@@ -139,11 +140,23 @@ class TrainTransform:
         return square
 
 
-def source_crop(
-    policy: A.Compose, size: int, crop_pct: float, seed: int, owned: OwnedRandom | None = None
-) -> TrainTransform:
-    """The policy's RandomResizedCrop alone, per image, for ``augment.backend: batched`` on the
-    encoded storage: the crop is taken from the source image, the rest runs on the batch.
-    ``owned``: the training's generators (Mixup draws from them)."""
+def batched_augmentation(
+    policy: A.Compose,
+    data: DataSettings,
+    num_ops: int,
+    magnitude: int,
+    seed: int,
+    owned: OwnedRandom | None = None,
+) -> tuple[TrainTransform | None, BatchAugment]:
+    """``augment.backend: batched``: what the loader applies per image, and the batch's
+    augmentation. The encoded storage keeps source images: the loader takes the policy's
+    RandomResizedCrop from them (nothing else), the rest runs on the batch; with arrays the
+    loader applies nothing. ``owned``: the training's generators (Mixup draws from them)."""
+    encoded = data.storage == "encoded"
+    batch_policy = BatchPolicy.from_compose(policy, crop=not encoded)
+    batched = BatchAugment(batch_policy, num_ops, magnitude, seed)
+    if not encoded:
+        return None, batched
     crop = seed_policy(A.Compose([copy.deepcopy(policy.transforms[0])]), seed)
-    return TrainTransform(crop, owned=owned, size=size, crop_pct=crop_pct, seed=seed)
+    size, crop_pct = data.image_size, data.eval_crop_pct
+    return TrainTransform(crop, owned=owned, size=size, crop_pct=crop_pct, seed=seed), batched

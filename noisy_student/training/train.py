@@ -22,13 +22,13 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from noisy_student.augment.batched import BatchAugment, BatchPolicy
+from noisy_student.augment.batched import BatchAugment
 from noisy_student.augment.policy import (
     TrainTransform,
+    batched_augmentation,
     load_policy,
     randaugment,
     seed_policy,
-    source_crop,
 )
 from noisy_student.augment.streams import OwnedRandom
 from noisy_student.core.atomic import atomic_path
@@ -425,16 +425,7 @@ def member_augmentation(
             seed=seed,
         )
         return transform, None
-    encoded = data.storage == "encoded"
-    batched = BatchAugment(
-        BatchPolicy.from_compose(policy, crop=not encoded),
-        spec.randaugment_n,
-        spec.randaugment_m,
-        seed,
-    )
-    if not encoded:
-        return None, batched
-    return source_crop(policy, data.image_size, data.eval_crop_pct, seed, owned), batched
+    return batched_augmentation(policy, data, spec.randaugment_n, spec.randaugment_m, seed, owned)
 
 
 def training_threads(runtime: RuntimeSettings) -> int:
