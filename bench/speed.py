@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from bench.synthetic import CLASSES, layout, write_model, write_pool
 from noisy_student.augment.batched import BatchAugment
-from noisy_student.augment.policy import build_policy
+from noisy_student.augment.policy import build_policy, member_augmentation
 from noisy_student.augment.streams import OwnedRandom
 from noisy_student.core.atomic import write_text
 from noisy_student.core.settings import (
@@ -67,7 +67,6 @@ from noisy_student.models.transfer import create_optimizer
 from noisy_student.pseudo_labels.labeling import pseudo_label
 from noisy_student.training.loop import FitConfig, fit, seed_everything
 from noisy_student.training.resume import Checkpoints
-from noisy_student.training.train import member_augmentation
 
 log = logging.getLogger("bench.speed")
 

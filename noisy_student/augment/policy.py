@@ -15,7 +15,7 @@ import numpy as np
 
 from noisy_student.augment.batched import BatchAugment, BatchPolicy
 from noisy_student.augment.streams import OwnedRandom
-from noisy_student.core.settings import DataSettings, PolicySettings
+from noisy_student.core.settings import DataSettings, ModelTraining, PolicySettings, Settings
 from noisy_student.data.images import center_view
 
 POLICIES = ("teacher", "student")
@@ -160,3 +160,24 @@ def batched_augmentation(
     crop = seed_policy(A.Compose([copy.deepcopy(policy.transforms[0])]), seed)
     size, crop_pct = data.image_size, data.eval_crop_pct
     return TrainTransform(crop, owned=owned, size=size, crop_pct=crop_pct, seed=seed), batched
+
+
+def member_augmentation(
+    settings: Settings, spec: ModelTraining, policy: A.Compose, owned: OwnedRandom, seed: int
+) -> tuple[TrainTransform | None, BatchAugment | None]:
+    """The per-image transform the loader applies and the batched one the loop applies
+    (``augment.backend``). Batched, the loader only crops where the storage keeps source images
+    (encoded: the crop is taken from the source resolution), and the rest runs on the batch."""
+    data = settings.data
+    if settings.augment.backend == "per_image":
+        noise = randaugment(spec.randaugment_n, spec.randaugment_m, data.image_size)
+        transform = TrainTransform(
+            policy,
+            noise if spec.randaugment_n > 0 else None,
+            owned,
+            size=data.image_size,
+            crop_pct=data.eval_crop_pct,
+            seed=seed,
+        )
+        return transform, None
+    return batched_augmentation(policy, data, spec.randaugment_n, spec.randaugment_m, seed, owned)

@@ -22,14 +22,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from noisy_student.augment.batched import BatchAugment
-from noisy_student.augment.policy import (
-    TrainTransform,
-    batched_augmentation,
-    load_policy,
-    randaugment,
-    seed_policy,
-)
+from noisy_student.augment.policy import load_policy, member_augmentation, seed_policy
 from noisy_student.augment.streams import OwnedRandom
 from noisy_student.core.atomic import atomic_path
 from noisy_student.core.errors import PipelineError
@@ -405,27 +398,6 @@ def train_member(
     )
     history = fit(net, train_set, val, config)
     return net, history
-
-
-def member_augmentation(
-    settings: Settings, spec: ModelTraining, policy, owned: OwnedRandom, seed: int
-) -> tuple[TrainTransform | None, BatchAugment | None]:
-    """The per-image transform the loader applies and the batched one the loop applies
-    (``augment.backend``). Batched, the loader only crops where the storage keeps source images
-    (encoded: the crop is taken from the source resolution), and the rest runs on the batch."""
-    data = settings.data
-    if settings.augment.backend == "per_image":
-        noise = randaugment(spec.randaugment_n, spec.randaugment_m, data.image_size)
-        transform = TrainTransform(
-            policy,
-            noise if spec.randaugment_n > 0 else None,
-            owned,
-            size=data.image_size,
-            crop_pct=data.eval_crop_pct,
-            seed=seed,
-        )
-        return transform, None
-    return batched_augmentation(policy, data, spec.randaugment_n, spec.randaugment_m, seed, owned)
 
 
 def training_threads(runtime: RuntimeSettings) -> int:
