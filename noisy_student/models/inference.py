@@ -64,24 +64,45 @@ def iter_outputs(
     runtime: RuntimeSettings,
     temperature: float = 1.0,
     features: bool = False,
+    rows: int = 0,
 ) -> Iterator[Outputs]:
     """``classifier.outputs`` (probabilities at ``temperature``, the free energy and, with
     ``features``, the members' normalized features; float32, on the CPU) batch by batch, so a
-    pool of any size streams.
+    pool of any size streams. ``rows``: batches are gathered on the device until they hold that
+    many rows and then copied at once: on a GPU, a copy per batch waits for the model each time
+    and leaves it idle while the host turns the batch into table rows (bench/README.md "GPU").
 
     ``classifier`` takes pixels 0..255 (models.classifier.Classifier); an ensemble's
     probabilities and energies are its members' averages."""
     classifier.eval()
     memory_format = device_memory_format(device, runtime)
+    pending: list[Outputs] = []
+    held = 0
     for images in loader:
         x = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         with autocast(device, runtime):
-            out = classifier.outputs(x, temperature, features)
-        yield Outputs(
-            out.probs.cpu(),
-            out.energy.cpu(),
-            None if out.features is None else [f.cpu() for f in out.features],
-        )
+            pending.append(classifier.outputs(x, temperature, features))
+        held += len(x)
+        if held >= rows:
+            yield to_host(pending)
+            pending, held = [], 0
+    if pending:
+        yield to_host(pending)
+
+
+def to_host(outputs: list[Outputs]) -> Outputs:
+    """Batches' outputs as one, on the CPU."""
+    first = outputs[0]
+    features = None
+    if first.features is not None:
+        features = [
+            torch.cat([o.features[m] for o in outputs]).cpu() for m in range(len(first.features))
+        ]
+    return Outputs(
+        torch.cat([o.probs for o in outputs]).cpu(),
+        torch.cat([o.energy for o in outputs]).cpu(),
+        features,
+    )
 
 
 def correct(

@@ -64,6 +64,9 @@ from noisy_student.pseudo_labels.table import (
 )
 
 log = logging.getLogger(__name__)
+# rows turned into the table at once on a GPU: one host copy and one Arrow batch per chunk, not
+# per batch
+TABLE_CHUNK_ROWS = 16_384
 
 # a stopped round's table: no rows
 EMPTY = pa.schema([("id", pa.string()), ("pred", pa.int64()), ("pred_class", pa.string()),
@@ -191,7 +194,11 @@ def label_shard(
         Progress(end - start, f"pseudo-label ({teacher})", "images", min_interval=5) as bar,
     ):
         done = start
-        for batch in iter_outputs(classifier, loader, device, settings.runtime, features=knn):
+        chunk = TABLE_CHUNK_ROWS if device.type == "cuda" else 0  # the CPU waits for no one
+        outputs = iter_outputs(
+            classifier, loader, device, settings.runtime, features=knn, rows=chunk
+        )
+        for batch in outputs:
             ids = pool.ids[done : done + len(batch.probs)]
             distance = nearest.distance(batch.features) if nearest is not None else None
             # streamed: the pool may not fit in memory
