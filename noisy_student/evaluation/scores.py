@@ -10,18 +10,25 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import precision_recall_fscore_support
 
 CALIBRATION_BINS = 15  # equal-width confidence bins, as Guo et al. (2017) measure ECE
 
 
 def class_scores(actual: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
     """Per-class precision and recall (0 where a class is never predicted / never present) and
-    macro-F1 (every class weighs the same, so a weak rare class shows)."""
-    labels = list(range(len(classes)))
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        actual, predicted, labels=labels, zero_division=0
-    )
+    macro-F1 (every class weighs the same, so a weak rare class shows): scikit-learn's
+    ``precision_recall_fscore_support(..., zero_division=0)``, from the confusion counts. Written
+    here because importing sklearn.metrics costs the evaluate and report stages about a second
+    each; tests/library/evaluation/test_scores.py checks it against scikit-learn."""
+    k = len(classes)
+    actual, predicted = np.asarray(actual, np.int64), np.asarray(predicted, np.int64)
+    hits = np.bincount(actual[actual == predicted], minlength=k)[:k].astype(np.float64)
+    present = np.bincount(actual, minlength=k)[:k]
+    called = np.bincount(predicted, minlength=k)[:k]
+    precision = np.divide(hits, called, out=np.zeros(k), where=called > 0)
+    recall = np.divide(hits, present, out=np.zeros(k), where=present > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros(k), where=both > 0)
     return {
         "macro_f1": float(f1.mean()),
         "precision": {c: float(p) for c, p in zip(classes, precision, strict=True)},

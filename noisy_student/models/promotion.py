@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -84,16 +85,31 @@ def mcnemar(
     previous_right: np.ndarray, right: np.ndarray, alternative: str = "two-sided"
 ) -> tuple[int, int, float]:
     """Images this model got right and the previous one wrong (gained), the reverse (lost), and
-    McNemar's exact p-value (SciPy's binomial test at one half over the images that changed): how
+    McNemar's exact p-value (the binomial test at one half over the images that changed): how
     likely so uneven a split is if neither model is better; ``alternative="greater"``: one-sided,
     that this model is better."""
-    from scipy.stats import binomtest
-
     gained = int((right & ~previous_right).sum())
     lost = int((previous_right & ~right).sum())
     if gained + lost == 0:
         return 0, 0, 1.0  # no image tells them apart
-    return gained, lost, float(binomtest(gained, gained + lost, 0.5, alternative).pvalue)
+    return gained, lost, binomial_half_p_value(gained, gained + lost, alternative)
+
+
+def binomial_half_p_value(k: int, n: int, alternative: str) -> float:
+    """SciPy's ``binomtest(k, n, 0.5, alternative).pvalue``, summed exactly in integers. Written
+    here because importing scipy.stats costs most stages about 0.7 s, more than all they
+    compute with it; tests/library/models/test_promotion.py checks it against SciPy."""
+
+    def tail(low: int) -> float:  # P(X >= low), X ~ Binomial(n, 1/2)
+        return sum(math.comb(n, i) for i in range(max(low, 0), n + 1)) / 2**n
+
+    if alternative == "greater":
+        return tail(k)
+    if alternative == "less":
+        return tail(n - k)
+    if alternative == "two-sided":  # symmetric at one half: twice the smaller tail, at most 1
+        return min(1.0, 2 * tail(max(k, n - k)))
+    raise ValueError(f"alternative: expected two-sided, greater or less, not {alternative!r}")
 
 
 def beats_p_value(challenger: str, holder: str) -> float | None:

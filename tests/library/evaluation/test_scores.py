@@ -52,3 +52,20 @@ def test_a_perfectly_calibrated_model_scores_zero_and_every_score_is_named_for_m
     scores = scores_on_test(ACTUAL, PREDICTED, np.full(8, 0.625), CLASSES)
     assert set(scores) == {"test_macro_f1", "test_ece", "test_precision", "test_recall"}
     assert scores["test_ece"] == pytest.approx(0.0)  # 5 of 8 right at confidence 0.625
+
+
+def test_class_scores_are_scikit_learns_on_random_predictions():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    rng = np.random.default_rng(0)
+    classes = [f"c{i}" for i in range(7)]
+    for size in (1, 5, 40, 500):
+        actual = rng.integers(0, 6, size)  # class c6 never present
+        predicted = np.where(rng.random(size) < 0.6, actual, rng.integers(0, 7, size))
+        scores = class_scores(actual, predicted, classes)
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            actual, predicted, labels=list(range(7)), zero_division=0
+        )
+        assert list(scores["precision"].values()) == pytest.approx(precision.tolist())
+        assert list(scores["recall"].values()) == pytest.approx(recall.tolist())
+        assert scores["macro_f1"] == pytest.approx(f1.mean())

@@ -144,3 +144,14 @@ def test_with_alpha_a_tie_is_not_promoted_and_without_it_the_p_value_is_still_re
     same = promotion.after_round(teacher, "student_1", holder, "s1", rule(alpha=0.5))
     assert not same.promoted and same.p_value == 1.0
     assert promotion.after_round(teacher, "student_1", challenger, "s1", rule()).promoted
+
+
+def test_the_exact_binomial_p_values_are_scipys():
+    from scipy.stats import binomtest
+
+    for n in [1, 2, 5, 10, 37, 180]:
+        for k in sorted({0, 1, n // 3, n // 2, (n + 1) // 2, n - 1, n}):
+            for alternative in ("two-sided", "greater", "less"):
+                expected = binomtest(k, n, 0.5, alternative).pvalue
+                got = promotion.binomial_half_p_value(k, n, alternative)
+                assert got == pytest.approx(expected, rel=1e-9, abs=1e-300), (k, n, alternative)
