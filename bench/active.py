@@ -4,6 +4,7 @@ many picked at random?
     python -m bench.active                          # 20 more labels, seeds 0-4
     python -m bench.active --count 10 20 --seeds 0 1 2
     python -m bench.active --report-only
+    python -m bench.active --loop --strategies random least_confident --seeds 0 1 2
 
 Per seed: the demo's digits as the class folders a user brings (``bench.foreign.write_dataset``,
 no foreign image: ``labels_per_class`` labeled per class, the pool's digits under their class's
@@ -16,10 +17,12 @@ again from scratch, same seed, on the grown labeled set. Its test accuracy is wh
 compares, paired by seed with the random pick.
 
 What it measures is the labels' worth to the labeled-only model, the first model a user has and
-the one every round starts from; the whole loop on each grown set would cost a loop per strategy
-and seed (not run). ``disagreement`` needs rounds' pseudo-labels, so it is not measured here.
-Results go to ``<out>/active.jsonl`` (a killed run loses one training), the tables to
-``<out>/active.md``.
+the one every round starts from. With ``--loop`` each teacher then goes through the rest of the
+loop (dvc.yaml's rounds, evaluation, the champion chosen on validation), and the table compares
+the model the loop ships: a loop per strategy and seed. ``disagreement`` needs rounds'
+pseudo-labels, so it is not measured here. Results go to ``<out>/active.jsonl`` (``--loop``:
+``active_loop.jsonl``; a killed run loses one training or loop), the tables to ``<out>/active.md``
+(``active_loop.md``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from noisy_student.core.atomic import write_text
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import PARAMS_FILE, Settings, load_settings
 from noisy_student.data.splits import load_split
+from noisy_student.models import promotion
 from noisy_student.models.classifier import load_checkpoint, resolve_device
 from noisy_student.models.inference import EVAL_BATCH_SIZE, accuracy, eval_loader
 from noisy_student.pseudo_labels.to_label import to_label
@@ -61,6 +65,19 @@ def train_teacher(settings: Settings, layout: Layout) -> float:
     test = load_split("test", layout.prepared)
     loader = eval_loader(test.images, EVAL_BATCH_SIZE, settings.runtime, device)
     return accuracy(classifier, loader, test.labels, device, settings.runtime)
+
+
+def whole_loop(settings: Settings, layout: Layout) -> dict:
+    """The loop after the teacher (dvc.yaml's rounds, evaluate, register) on ``layout``; the
+    champion, chosen on validation, and every model's test accuracy."""
+    metrics: dict = {}
+    for step in loop_steps(settings)[1]:
+        result = step.call(settings, layout, None)
+        if step.stage == "evaluate":
+            metrics = result
+    champion = promotion.champion(settings, layout)
+    accuracies = {name: m["test_accuracy"] for name, m in metrics.items()}
+    return {"champion": champion, "shipped": accuracies[champion], "models": accuracies}
 
 
 def pick(
@@ -101,8 +118,11 @@ def run(
     seeds: list[int],
     work: Path,
     out_dir: Path,
+    loop: bool = False,
+    strategies: tuple[str, ...] = STRATEGIES,
 ) -> str:
-    results = out_dir / "active.jsonl"
+    name = "active_loop" if loop else "active"
+    results = out_dir / f"{name}.jsonl"
     done = {tuple(r["key"]) for r in read_records(results)}
 
     def record(row: dict) -> None:
@@ -120,33 +140,46 @@ def run(
         layout = cell_layout(runs / NONE)
         before = train_teacher(settings, layout)
         if (seed, 0, NONE) not in done:
-            record({"key": [seed, 0, NONE], "seed": seed, "count": 0, "strategy": NONE,
-                    "test_accuracy": before})  # fmt: skip
+            row = {"key": [seed, 0, NONE], "seed": seed, "count": 0, "strategy": NONE,
+                   "test_accuracy": before}  # fmt: skip
+            record(row | (whole_loop(settings, layout) if loop else {}))
         for count in counts:
-            for strategy in STRATEGIES:
+            for strategy in strategies:
                 if (seed, count, strategy) in done:
                     continue
                 picks = runs / f"picks-{strategy}-{count}"
                 ids = pick(strategy, count, seed, settings, layout, picks)
                 root = grown(data, ids, work / "data" / f"digits-seed{seed}-{strategy}-{count}")
                 grown_layout = cell_layout(runs / f"{strategy}-{count}")
-                after = train_teacher(folder_settings(params_file, root, seed, work), grown_layout)
+                grown_settings = folder_settings(params_file, root, seed, work)
+                after = train_teacher(grown_settings, grown_layout)
                 log.info("seed %d, %d more labels by %s: teacher %.4f -> %.4f", seed, count,
                          strategy, before, after)  # fmt: skip
                 classes = sorted({i.split("/", 1)[0] for i in ids})
-                record({"key": [seed, count, strategy], "seed": seed, "count": count,
-                        "strategy": strategy, "test_accuracy": after, "picked": ids,
-                        "classes_picked": len(classes)})  # fmt: skip
-        write_report(out_dir)
-    return write_report(out_dir)
+                row = {"key": [seed, count, strategy], "seed": seed, "count": count,
+                       "strategy": strategy, "test_accuracy": after, "picked": ids,
+                       "classes_picked": len(classes)}  # fmt: skip
+                record(row | (whole_loop(grown_settings, grown_layout) if loop else {}))
+        write_report(out_dir, name)
+    return write_report(out_dir, name)
 
 
-def write_report(out_dir: Path) -> str:
-    rows = read_records(out_dir / "active.jsonl")
-    acc = {(r["seed"], r["count"], r["strategy"]): r["test_accuracy"] for r in rows}
+def write_report(out_dir: Path, name: str = "active") -> str:
+    """``active.md``: the teachers' accuracies; ``active_loop.md``: the shipped models' too."""
+    rows = read_records(out_dir / f"{name}.jsonl")
+    text = accuracy_tables(rows, "test_accuracy", "teacher test accuracy")
+    if name == "active_loop":
+        text += "\n" + accuracy_tables(rows, "shipped", "shipped model's test accuracy")
+        text += "\n" + champions(rows)
+    write_text(out_dir / f"{name}.md", text)
+    return text
+
+
+def accuracy_tables(rows: list[dict], field: str, what: str) -> str:
+    acc = {(r["seed"], r["count"], r["strategy"]): r[field] for r in rows}
     counts = sorted({r["count"] for r in rows if r["count"] > 0})
     lines = [
-        "| labels added | picked by | teacher test accuracy, % (mean ± std over seeds) | "
+        f"| labels added | picked by | {what}, % (mean ± std over seeds) | "
         "− random, paired by seed (worst seed) | seeds |",
         "|---|---|---|---|---|",
     ]
@@ -167,16 +200,23 @@ def write_report(out_dir: Path) -> str:
                 else ""
             )
             lines.append(f"| {count} | {strategy} | {mean_std(values)} | {gain} | {len(seeds)} |")
-    lines += ["", "| seed | " + " | ".join(f"{s} +{c}" for c in counts for s in STRATEGIES)
-              + " | none |", "|---|" + "---|" * (len(counts) * len(STRATEGIES) + 1)]  # fmt: skip
+    used = [s for s in STRATEGIES if any(st == s for (_, _, st) in acc)]
+    lines += ["", "| seed | " + " | ".join(f"{s} +{c}" for c in counts for s in used)
+              + " | none |", "|---|" + "---|" * (len(counts) * len(used) + 1)]  # fmt: skip
     for seed in sorted({r["seed"] for r in rows}):
-        cells = [acc.get((seed, c, s)) for c in counts for s in STRATEGIES]
+        cells = [acc.get((seed, c, s)) for c in counts for s in used]
         cells.append(acc.get((seed, 0, NONE)))
         lines.append(f"| {seed} | " + " | ".join(
             "-" if v is None else f"{100 * v:.1f}" for v in cells) + " |")  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    write_text(out_dir / "active.md", text)
-    return text
+    return "\n".join(lines) + "\n"
+
+
+def champions(rows: list[dict]) -> str:
+    """Which model each loop shipped (chosen on validation)."""
+    lines = ["| seed | labels added | picked by | champion |", "|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["seed"], r["count"], r["strategy"])):
+        lines.append(f"| {r['seed']} | {r['count']} | {r['strategy']} | {r['champion']} |")
+    return "\n".join(lines) + "\n"
 
 
 def mean_std(values: list[float]) -> str:
@@ -191,13 +231,21 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--work", type=Path, default=Path("bench/work/active"))
     p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument(
+        "--loop",
+        action="store_true",
+        help="run the whole loop after each teacher and compare the shipped models",
+    )
+    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     p.add_argument("--report-only", action="store_true", help="rebuild the tables, run nothing")
     args = p.parse_args()
     if any(c < 1 for c in args.count):
         sys.exit(f"error: --count {args.count}: each must be at least 1")
-    run_cli(args.report_only, lambda: write_report(args.out),
+    name = "active_loop" if args.loop else "active"
+    run_cli(args.report_only, lambda: write_report(args.out, name),
             lambda: run(params_file=Path(args.params), counts=args.count, seeds=args.seeds,
-                        work=args.work, out_dir=args.out))  # fmt: skip
+                        work=args.work, out_dir=args.out, loop=args.loop,
+                        strategies=tuple(args.strategies)))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -349,6 +349,24 @@ def test_active_benchmark_moves_the_picks_into_the_labeled_folders_and_retrains(
     assert len(accuracy.read_records(out / "active.jsonl")) == 4  # all recorded: nothing reruns
 
 
+@pytest.mark.slow
+def test_active_benchmark_with_the_loop_records_the_model_each_loop_ships(bench_params, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    text = active.run(params_file=bench_params, counts=[4], seeds=[0], work=work, out_dir=out,
+                      loop=True, strategies=("least_confident",))  # fmt: skip
+    rows = {r["strategy"]: r for r in accuracy.read_records(out / "active_loop.jsonl")}
+    assert set(rows) == {"none", "least_confident"}
+    runs = next((work / "runs").iterdir())
+    for strategy, folder in (("none", "none"), ("least_confident", "least_confident-4")):
+        row = rows[strategy]
+        metrics = json.loads((runs / folder / "metrics.json").read_text())  # evaluate's
+        assert list(row["models"]) == ["teacher", "student_1", "student_2"]
+        assert row["shipped"] == metrics[row["champion"]]["test_accuracy"]
+        assert row["test_accuracy"] == metrics["teacher"]["test_accuracy"]
+    assert "shipped model's test accuracy" in text and "| 0 | 4 | least_confident |" in text
+    assert not (out / "active.jsonl").exists()  # the teachers-only table is another file
+
+
 def test_decode_benchmark_compares_whole_and_scaled_decodes_of_the_same_photos(tmp_path):
     text = decode.run(ranges=[(100, 140), (700, 900)], photos=3, size=64, repeats=1,
                       out_dir=tmp_path)  # fmt: skip
