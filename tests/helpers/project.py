@@ -68,6 +68,8 @@ def shrink(params: dict[str, Any]) -> dict[str, Any]:
     # one core per training: the suite runs one pytest worker per core (make test: pytest -n auto),
     # and tiny models gain nothing from a second thread
     p["runtime"]["cpu_threads"] = 1
+    # a checkpoint after every epoch: the fault tests kill a training right after a given one
+    p["runtime"]["checkpoint_epochs"] = 1
     return p
 
 
