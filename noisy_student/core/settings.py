@@ -291,6 +291,8 @@ class SelectionSettings(Strict):
     """Every choice of the loop, made on the validation split (the test set only reports)."""
 
     epoch: Literal["best", "last"]  # which epoch's weights a training keeps
+    # epochs without a better validation accuracy after which a training stops; None: never
+    epoch_patience: PositiveInt | None
     # validation accuracy a student must gain; None: promotion off, every student teaches the
     # next round (the original Noisy Student loop, kept to measure what the rule buys)
     margin: Annotated[float, Field(ge=0.0, lt=1.0)] | None
@@ -298,6 +300,15 @@ class SelectionSettings(Strict):
     # a student must also beat the best model at this level by McNemar's exact test on the
     # validation images; None: the margin alone
     alpha: Annotated[float, Field(gt=0.0, lt=1.0)] | None
+
+    @model_validator(mode="after")
+    def _patience_keeps_the_best(self) -> SelectionSettings:
+        if self.epoch_patience is not None and self.epoch != "best":
+            raise ValueError(
+                "selection.epoch_patience stops a training at a plateau and keeps its best "
+                "epoch: it needs selection.epoch best (or epoch_patience null)"
+            )
+        return self
 
 
 class MlflowSettings(Strict):

@@ -63,7 +63,8 @@ class FitConfig:
     is where the state is saved every few epochs and resumed from, if it holds one. ``keep``:
     which weights the model ends with, the last epoch's or those of its best validation epoch
     (``selection.epoch``); with ``spec.ema_decay`` they are the moving average's, which is also
-    what every epoch validates."""
+    what every epoch validates. ``patience`` (``selection.epoch_patience``): the training stops
+    once that many epochs in a row have not matched the best one (early stopping)."""
 
     spec: ModelTraining
     runtime: RuntimeSettings
@@ -75,6 +76,7 @@ class FitConfig:
     on_first_batch: Callable[[torch.Tensor], None] | None = None
     checkpoint: MemberCheckpoint | None = None
     keep: Literal["best", "last"] = "last"
+    patience: int | None = None  # keep "best": stop after this many epochs without matching it
     augment: BatchAugment | None = None  # augment.backend batched: the batch's augmentation
 
 
@@ -127,6 +129,8 @@ def fit(
     val_loader = eval_loader(val.images, EVAL_BATCH_SIZE, config.runtime, config.device)
     epochs = Progress(spec.epochs, config.desc, "epochs", initial=done, enabled=here.main)
     for epoch in range(done + 1, spec.epochs + 1):
+        if _out_of_patience(loop, config, epoch - 1):
+            break
         start = time.perf_counter()
         train_loss = _train_epoch(loop, config, epoch)
         if not here.main:  # rank 0 evaluates, logs and saves; the others only train
@@ -157,6 +161,25 @@ def fit(
     if frozen:
         unfreeze_backbone(model, frozen)
     return history
+
+
+def _out_of_patience(loop: _Loop, config: FitConfig, done: int) -> bool:
+    """Whether the training stops after epoch ``done``: rank 0 decides (it alone validates), every
+    process learns it. Checked before an epoch, not after one, so that a training resumed from a
+    checkpoint stops exactly where one never interrupted stops."""
+    if config.patience is None or config.keep != "best":
+        return False
+    here, best = distributed.world(), loop.best
+    stop = here.main and best.epoch > 0 and done - best.epoch >= config.patience
+    stop = not distributed.least(int(not stop))  # a collective: every process stops together
+    if stop and here.main:
+        log.info(
+            "%s: stopped after epoch %d of %d: %d epochs without matching epoch %d's "
+            "validation accuracy %.4f (selection.epoch_patience %d)",
+            config.desc, done, config.spec.epochs, done - best.epoch, best.epoch,
+            best.val_accuracy, config.patience,
+        )  # fmt: skip
+    return stop
 
 
 def _set_up(model: torch.nn.Module, train_set: TrainingImages, config: FitConfig) -> _Loop:

@@ -228,6 +228,47 @@ def test_keep_best_ends_with_the_best_validation_epoch_and_last_with_the_last():
         assert torch.equal(value, states[len(history)][key]), key
 
 
+def stop_of(history, patience: int) -> tuple[int, int]:
+    """Where a training with this patience stops, read off a full run's history: the first epoch
+    done that many epochs after the best so far (a tie moves the best), and that best epoch."""
+    best, best_epoch = -1.0, 0
+    for h in history:
+        if h.epoch - 1 - best_epoch >= patience and best_epoch:
+            return h.epoch - 1, best_epoch
+        if h.val_accuracy >= best:
+            best, best_epoch = h.val_accuracy, h.epoch
+    return history[-1].epoch, best_epoch
+
+
+def test_patience_stops_at_a_plateau_with_the_model_a_full_run_had_at_its_best_epoch(tmp_path):
+    from noisy_student.training.resume import MemberCheckpoint
+
+    recipe = spec(epochs=12, lr=0.05)
+    train, val = tiny_data()
+    _, full, states = fit_remembering(recipe, "best", train, val)
+    stop, best_epoch = stop_of(full, patience=1)
+    assert stop < recipe.epochs  # this run has a plateau: the test would prove nothing otherwise
+
+    def run(folder):
+        torch.manual_seed(0)
+        model = create_model(recipe, 3)
+        config = FitConfig(
+            recipe, CPU, torch.device("cpu"), 0, "p", keep="best", patience=1,
+            checkpoint=MemberCheckpoint(folder, "m", every=1),
+        )  # fmt: skip
+        return model.state_dict(), fit(model, train, val, config)
+
+    kept, history = run(tmp_path)
+    assert [h.val_accuracy for h in history] == [h.val_accuracy for h in full[:stop]]
+    for key, value in kept.items():
+        assert torch.equal(value, states[best_epoch][key]), key
+    # killed after the stop, before the model was written: the rerun resumes and stops at once
+    resumed, history = run(tmp_path)
+    assert len(history) == stop
+    for key, value in kept.items():
+        assert torch.equal(value, resumed[key]), key
+
+
 def test_a_device_this_machine_lacks_is_refused_by_name():
     from noisy_student.models.classifier import resolve_device
 
