@@ -122,6 +122,10 @@ VARIANTS: dict[str, tuple[str, Changes]] = {
         "promotion off: every student teaches the next round (selection.margin null)",
         {"selection.margin": None},
     ),
+    "no_epoch_patience": (
+        "early stopping off: every epoch of every student runs (students.*.epoch_patience null)",
+        {"students.*.epoch_patience": None},
+    ),
     "ood_filter": (
         "out-of-class filter on (pseudo_label.ood_filter 0.95)",
         {"pseudo_label.ood_filter": 0.95},

@@ -222,6 +222,9 @@ class ModelTraining(Strict):
     warmup_epochs: NonNegativeInt
     # a moving average of the weights (timm's ModelEmaV3) is what is validated and kept
     ema_decay: Annotated[float, Field(gt=0.0, lt=1.0)] | None
+    # epochs in a row without matching the best validation accuracy after which training stops
+    # (early stopping; selection.epoch still picks the weights kept); None: every epoch runs
+    epoch_patience: PositiveInt | None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelTraining:
@@ -291,8 +294,6 @@ class SelectionSettings(Strict):
     """Every choice of the loop, made on the validation split (the test set only reports)."""
 
     epoch: Literal["best", "last"]  # which epoch's weights a training keeps
-    # epochs without a better validation accuracy after which a training stops; None: never
-    epoch_patience: PositiveInt | None
     # validation accuracy a student must gain; None: promotion off, every student teaches the
     # next round (the original Noisy Student loop, kept to measure what the rule buys)
     margin: Annotated[float, Field(ge=0.0, lt=1.0)] | None
@@ -300,15 +301,6 @@ class SelectionSettings(Strict):
     # a student must also beat the best model at this level by McNemar's exact test on the
     # validation images; None: the margin alone
     alpha: Annotated[float, Field(gt=0.0, lt=1.0)] | None
-
-    @model_validator(mode="after")
-    def _patience_keeps_the_best(self) -> SelectionSettings:
-        if self.epoch_patience is not None and self.epoch != "best":
-            raise ValueError(
-                "selection.epoch_patience stops a training at a plateau and keeps its best "
-                "epoch: it needs selection.epoch best (or epoch_patience null)"
-            )
-        return self
 
 
 class MlflowSettings(Strict):

@@ -63,8 +63,8 @@ class FitConfig:
     is where the state is saved every few epochs and resumed from, if it holds one. ``keep``:
     which weights the model ends with, the last epoch's or those of its best validation epoch
     (``selection.epoch``); with ``spec.ema_decay`` they are the moving average's, which is also
-    what every epoch validates. ``patience`` (``selection.epoch_patience``): the training stops
-    once that many epochs in a row have not matched the best one (early stopping)."""
+    what every epoch validates. ``spec.epoch_patience``: the training stops once that many epochs
+    in a row have not matched the best one (early stopping); ``keep`` still picks the weights."""
 
     spec: ModelTraining
     runtime: RuntimeSettings
@@ -76,7 +76,6 @@ class FitConfig:
     on_first_batch: Callable[[torch.Tensor], None] | None = None
     checkpoint: MemberCheckpoint | None = None
     keep: Literal["best", "last"] = "last"
-    patience: int | None = None  # keep "best": stop after this many epochs without matching it
     augment: BatchAugment | None = None  # augment.backend batched: the batch's augmentation
 
 
@@ -89,11 +88,15 @@ class BestEpoch:
     val_accuracy: float = -1.0
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def offer(self, epoch: int, val_accuracy: float, model: torch.nn.Module) -> None:
+    def offer(
+        self, epoch: int, val_accuracy: float, model: torch.nn.Module, copy: bool = True
+    ) -> None:
+        """``copy``: keep the weights too (``keep`` best); the epoch alone serves the patience."""
         if val_accuracy >= self.val_accuracy:
             self.epoch, self.val_accuracy = epoch, val_accuracy
-            state = model.state_dict()
-            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+            if copy:
+                state = model.state_dict()
+                self.weights = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 @dataclass
@@ -142,8 +145,7 @@ def fit(
             epoch, train_loss, val_acc, lr_head, lr_backbone, time.perf_counter() - start
         )
         history.append(result)
-        if config.keep == "best":
-            loop.best.offer(epoch, val_acc, loop.validated.nets[0])
+        loop.best.offer(epoch, val_acc, loop.validated.nets[0], copy=config.keep == "best")
         if config.on_epoch is not None:
             config.on_epoch(result)
         _save(loop, config, epoch, [asdict(r) for r in history])
@@ -167,17 +169,18 @@ def _out_of_patience(loop: _Loop, config: FitConfig, done: int) -> bool:
     """Whether the training stops after epoch ``done``: rank 0 decides (it alone validates), every
     process learns it. Checked before an epoch, not after one, so that a training resumed from a
     checkpoint stops exactly where one never interrupted stops."""
-    if config.patience is None or config.keep != "best":
+    patience = config.spec.epoch_patience
+    if patience is None:
         return False
     here, best = distributed.world(), loop.best
-    stop = here.main and best.epoch > 0 and done - best.epoch >= config.patience
+    stop = here.main and best.epoch > 0 and done - best.epoch >= patience
     stop = not distributed.least(int(not stop))  # a collective: every process stops together
     if stop and here.main:
         log.info(
             "%s: stopped after epoch %d of %d: %d epochs without matching epoch %d's "
-            "validation accuracy %.4f (selection.epoch_patience %d)",
+            "validation accuracy %.4f (epoch_patience %d)",
             config.desc, done, config.spec.epochs, done - best.epoch, best.epoch,
-            best.val_accuracy, config.patience,
+            best.val_accuracy, patience,
         )  # fmt: skip
     return stop
 
@@ -272,7 +275,7 @@ def _resume(loop: _Loop, config: FitConfig) -> tuple[list[EpochResult], int]:
     state = config.checkpoint.load(loop.model, loop.optimizer, loop.streams, common)
     loop.update = state["update"]
     if "best_epoch" in state:
-        best_weights = config.checkpoint.load_weights(common, "best")
+        best_weights = config.checkpoint.load_weights(common, "best")  # empty under keep last
         loop.best = BestEpoch(state["best_epoch"], state["best_val_accuracy"], best_weights)
     if loop.ema is not None:
         loop.ema.module.load_state_dict(config.checkpoint.load_weights(common, "ema"))
@@ -332,8 +335,9 @@ def _save(loop: _Loop, config: FitConfig, epoch: int, history: list[dict]) -> No
     if config.checkpoint is not None and config.checkpoint.due(epoch, config.spec.epochs):
         counters = {"epoch": epoch, "update": loop.update, "history": history}
         kept = {}  # saved too: a resumed run must still end with the best epoch's, the average's
-        if loop.best.weights:
+        if loop.best.epoch:  # the patience counts from it, whichever weights are kept
             counters |= {"best_epoch": loop.best.epoch, "best_val_accuracy": loop.best.val_accuracy}
+        if loop.best.weights:
             kept["best"] = loop.best.weights
         if loop.ema is not None:
             kept["ema"] = loop.ema.module.state_dict()

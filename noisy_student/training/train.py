@@ -394,7 +394,6 @@ def train_member(
         on_first_batch=log_batch_image,
         checkpoint=checkpoint,
         keep=settings.selection.epoch,
-        patience=settings.selection.epoch_patience,
         augment=batched,
     )
     history = fit(net, train_set, val, config)

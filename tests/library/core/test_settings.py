@@ -71,11 +71,7 @@ def error_for(tmp_path, params) -> str:
         (lambda p: p["runtime"].update(num_workers="many"), "runtime.num_workers:"),
         (lambda p: p["pseudo_label"].update(ood_score="mahalanobis"), "pseudo_label.ood_score:"),
         (lambda p: p["pseudo_label"].update(ood_neighbours=0), "pseudo_label.ood_neighbours:"),
-        (lambda p: p["selection"].update(epoch_patience=0), "selection.epoch_patience:"),
-        (
-            lambda p: p["selection"].update(epoch="last"),
-            "selection.epoch_patience stops a training at a plateau",
-        ),
+        (lambda p: p["students"][0].update(epoch_patience=0), "students.0.epoch_patience:"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, params, edit, expected):

@@ -240,33 +240,37 @@ def stop_of(history, patience: int) -> tuple[int, int]:
     return history[-1].epoch, best_epoch
 
 
-def test_patience_stops_at_a_plateau_with_the_model_a_full_run_had_at_its_best_epoch(tmp_path):
+def test_patience_stops_at_a_plateau_with_the_model_a_full_run_had_then(tmp_path):
     from noisy_student.training.resume import MemberCheckpoint
 
-    recipe = spec(epochs=12, lr=0.05)
+    recipe = spec(epochs=12, lr=0.05, epoch_patience=1)
     train, val = tiny_data()
-    _, full, states = fit_remembering(recipe, "best", train, val)
+    _, full, states = fit_remembering(
+        recipe.model_copy(update={"epoch_patience": None}), "best", train, val
+    )
     stop, best_epoch = stop_of(full, patience=1)
     assert stop < recipe.epochs  # this run has a plateau: the test would prove nothing otherwise
 
-    def run(folder):
+    def run(folder, keep):
         torch.manual_seed(0)
         model = create_model(recipe, 3)
         config = FitConfig(
-            recipe, CPU, torch.device("cpu"), 0, "p", keep="best", patience=1,
+            recipe, CPU, torch.device("cpu"), 0, "p", keep=keep,
             checkpoint=MemberCheckpoint(folder, "m", every=1),
         )  # fmt: skip
         return model.state_dict(), fit(model, train, val, config)
 
-    kept, history = run(tmp_path)
-    assert [h.val_accuracy for h in history] == [h.val_accuracy for h in full[:stop]]
-    for key, value in kept.items():
-        assert torch.equal(value, states[best_epoch][key]), key
-    # killed after the stop, before the model was written: the rerun resumes and stops at once
-    resumed, history = run(tmp_path)
-    assert len(history) == stop
-    for key, value in kept.items():
-        assert torch.equal(value, resumed[key]), key
+    for keep, epoch in (("best", best_epoch), ("last", stop)):
+        folder = tmp_path / keep
+        kept, history = run(folder, keep)
+        assert [h.val_accuracy for h in history] == [h.val_accuracy for h in full[:stop]]
+        for key, value in kept.items():
+            assert torch.equal(value, states[epoch][key]), (keep, key)
+        # killed after the stop, before the model was written: the rerun resumes, stops at once
+        resumed, history = run(folder, keep)
+        assert len(history) == stop
+        for key, value in kept.items():
+            assert torch.equal(value, resumed[key]), (keep, key)
 
 
 def test_a_device_this_machine_lacks_is_refused_by_name():
