@@ -258,7 +258,8 @@ def test_patience_stops_at_a_plateau_with_the_model_a_full_run_had_then(tmp_path
             recipe, CPU, torch.device("cpu"), 0, "p", keep=keep,
             checkpoint=MemberCheckpoint(folder, "m", every=1),
         )  # fmt: skip
-        return model.state_dict(), fit(model, train, val, config)
+        history = fit(model, train, val, config)
+        return model.state_dict(), history
 
     for keep, epoch in (("best", best_epoch), ("last", stop)):
         folder = tmp_path / keep
