@@ -107,11 +107,20 @@ VARIANTS: dict[str, tuple[str, Changes]] = {
         CONFIGS / "soft_pseudo_labels.yaml",
     ),
     "threshold_off": ("threshold off: every pool image kept", {"pseudo_label.threshold": 0.0}),
+    "threshold_05": (
+        "confidence floor 0.5: more of the pool's harder images kept",
+        {"pseudo_label.threshold": 0.5},
+    ),
     "distillation": ("distillation on (configs/distillation.yaml)", CONFIGS / "distillation.yaml"),
     "no_class_balance": (
         "class balancing off (configs/no_class_balance.yaml)",
         CONFIGS / "no_class_balance.yaml",
     ),
+    "mixing": (
+        "CutMix, MixUp and label smoothing on the students (configs/mixing.yaml)",
+        CONFIGS / "mixing.yaml",
+    ),
+    "student_lr_x2": ("students at twice the learning rate", {"students.*.lr": 0.004}),
     "ema_weights": (
         "students keep a moving average of their weights (configs/ema_weights.yaml)",
         CONFIGS / "ema_weights.yaml",
@@ -702,7 +711,10 @@ def pseudo_table(by_setting: dict, settings: list) -> str:
                 rows = [
                     x["pseudo_labels"][name]
                     for x in by_setting[s]
-                    if x["variant"] == variant and name in x.get("pseudo_labels", {})
+                    if x["variant"] == variant
+                    and name in x.get("pseudo_labels", {})
+                    # a round after the loop stopped labels nothing: its summary is empty
+                    and x["pseudo_labels"][name].get("pool_images")
                 ]
                 if not rows:
                     cells.append("not run")

@@ -72,6 +72,19 @@ def test_a_variant_with_more_rounds_than_params_yaml_shows_each_of_them():
     assert "| three_rounds, for round 3 | 50.0 / 100.0 |" in table
 
 
+def test_a_loop_that_stopped_before_its_last_round_still_renders():
+    # the stopped round's pseudo-label summary is all None (it labeled nothing)
+    acc = {"teacher": 0.85, "student_1": 0.86, "student_2": 0.72}
+    run = record("baseline", 0, acc, champion="teacher")
+    done = {"pool_images": 10, "kept": 5, "kept_accuracy": 1.0}
+    empty = dict.fromkeys(("pool_images", "above_threshold", "kept", "kept_accuracy"))
+    run["pseudo_labels"] = {"student_1": done, "student_2": done, "student_3": empty}
+    full = record("baseline", 1, {**acc, "student_3": 0.9})  # another seed ran round 3
+    full["pseudo_labels"] = {"student_1": done, "student_2": done, "student_3": done}
+    table = accuracy.render([run, full])
+    assert "| baseline, for round 3 | 50.0 / 100.0 |" in table  # the seed that ran it alone
+
+
 def test_a_model_shipped_below_its_teacher_on_one_seed_is_flagged():
     teachers = [0.8, 0.81, 0.79]
     worse = [
