@@ -121,6 +121,15 @@ VARIANTS: dict[str, tuple[str, Changes]] = {
         CONFIGS / "mixing.yaml",
     ),
     "student_lr_x2": ("students at twice the learning rate", {"students.*.lr": 0.004}),
+    "resnet18_lr_x2_warmup5": (
+        "the resnet18 rounds at twice the learning rate, warmed up over 5 epochs",
+        {
+            "students.1.lr": 0.004,
+            "students.2.lr": 0.004,
+            "students.1.warmup_epochs": 5,
+            "students.2.warmup_epochs": 5,
+        },
+    ),
     "ema_weights": (
         "students keep a moving average of their weights (configs/ema_weights.yaml)",
         CONFIGS / "ema_weights.yaml",
