@@ -122,7 +122,8 @@ VARIANTS: dict[str, tuple[str, Changes]] = {
     ),
     "student_lr_x2": ("students at twice the learning rate", {"students.*.lr": 0.004}),
     "resnet18_lr_x2_warmup5": (
-        "the resnet18 rounds at twice the learning rate, warmed up over 5 epochs",
+        "the resnet18 rounds at twice the learning rate, warmed up over 5 epochs (params.yaml's"
+        " recipe since 14f6ff4: from then on the same as the baseline)",
         {
             "students.1.lr": 0.004,
             "students.2.lr": 0.004,
