@@ -155,9 +155,14 @@ VARIANTS: dict[str, tuple[str, Changes]] = {
     ),
 }
 # a no_promotion run trains exactly what the baseline trained as long as the baseline promoted
-# every round (same seeds, same steps; the loop is byte-reproducible: tests/pipeline), so it is
-# recorded from the baseline's run instead of being trained again
+# every round (same seeds, same steps; the loop is byte-reproducible: tests/pipeline), and so
+# does a variant whose changes params.yaml has since adopted: each is recorded from the
+# baseline's run instead of being trained again
 SAME_AS_BASELINE_WHEN_ALL_PROMOTED = "no_promotion"
+SAME_PARAMS_REASON = {
+    SAME_AS_BASELINE_WHEN_ALL_PROMOTED: "every round promoted",
+    "params": "params.yaml has these settings",
+}
 GAP_TARGET = 0.80  # the model shipped must close this share of labeled-only -> fully supervised
 GAP_WORST = 0.60  # ...on average over seeds, and this share on the worst seed
 # the loop's stages a cell runs once and its runs share (checked: no variant may change them)...
@@ -383,19 +388,32 @@ class Runner:
                 step.call(base, layout, None)
             seconds["teacher"] = time.perf_counter() - start
         for variant in variants:
-            if variant == SAME_AS_BASELINE_WHEN_ALL_PROMOTED and variant in todo:
-                base_run = self.done.get(cell.key("baseline"), {})
-                if base_run.get("promoted") and all(base_run["promoted"].values()):
-                    log.info("%s: %s = baseline (every round promoted)", folder.name, variant)
-                    same = {k: v for k, v in base_run.items() if k not in ("key", "variant")}
-                    self.record(cell, variant, same | {"same_as": "baseline"})
-                    continue
+            if variant in todo and (why := self.same_as_baseline(cell, base, variant)):
+                log.info("%s: %s = baseline (%s)", folder.name, variant, why)
+                base_run = self.done[cell.key("baseline")]
+                same = {k: v for k, v in base_run.items() if k not in ("key", "variant")}
+                self.record(cell, variant, same | {"same_as": "baseline", "same_because": why})
+                continue
             if variant in todo:
                 self.guarded(cell, variant, self.variant, cell, base, variant, folder, seconds)
             if variant == "baseline" and UPPER in todo:
                 self.guarded(cell, UPPER, self.upper_bound, cell, base, folder)
         if UPPER in todo and "baseline" not in variants:
             self.guarded(cell, UPPER, self.upper_bound, cell, base, folder)
+
+    def same_as_baseline(self, cell: Cell, base: Settings, variant: str) -> str | None:
+        """Why ``variant`` would train exactly what the cell's recorded baseline run trained (the
+        loop is byte-reproducible: tests/pipeline), or None: then it trains."""
+        base_run = self.done.get(cell.key("baseline"))
+        if variant == "baseline" or base_run is None or "not_run" in base_run:
+            return None
+        if variant == SAME_AS_BASELINE_WHEN_ALL_PROMOTED:
+            promoted = base_run.get("promoted")
+            return SAME_PARAMS_REASON[variant] if promoted and all(promoted.values()) else None
+        changes = variant_overrides(variant, self.params_file)
+        if self.settings({**cell.overrides, **changes}) == base:
+            return SAME_PARAMS_REASON["params"]
+        return None
 
     def guarded(self, cell: Cell, variant: str, fn, *args) -> None:
         """A run refused by the pipeline (say, a threshold that keeps nothing) is recorded as not
@@ -690,7 +708,8 @@ def seed_table(records: list[dict]) -> str:
         )
         up = uppers.get((r["dataset"], r["labels_per_class"], r["seed"]))
         upper = f"{100 * up['test_accuracy']['final']:.1f}" if up else "not run"
-        same = " (= baseline: every round promoted)" if r.get("same_as") else ""
+        why = r.get("same_because", SAME_PARAMS_REASON[SAME_AS_BASELINE_WHEN_ALL_PROMOTED])
+        same = f" (= baseline: {why})" if r.get("same_as") else ""
         lines.append(
             f"| {setting_name(r['dataset'], r['labels_per_class'])} | {r['seed']} | "
             f"{r['variant']}{same} | {score('teacher')} | {rounds} | "

@@ -156,19 +156,30 @@ def test_compare_refuses_a_revision_without_the_package():
 
 
 @pytest.mark.slow
-def test_accuracy_benchmark_runs_shares_the_teacher_and_resumes(bench_params, tmp_path):
+def test_accuracy_benchmark_runs_shares_the_teacher_and_resumes(
+    bench_params, tmp_path, monkeypatch
+):
+    # a variant whose changes params.yaml already has (say, once adopted as the default)
+    seed = load_settings(bench_params).seed
+    monkeypatch.setitem(accuracy.VARIANTS, "adopted", ("params.yaml's own seed", {"seed": seed}))
     kwargs = dict(
         params_file=bench_params,
         labels_per_class=[3],
         seeds=[0],
-        variants=["baseline", "threshold_off", "no_promotion"],
+        variants=["baseline", "threshold_off", "no_promotion", "adopted"],
         work=tmp_path / "work",
         out_dir=tmp_path / "out",
     )
     text = accuracy.run(**kwargs)
     rows = accuracy.read_records(tmp_path / "out" / "accuracy.jsonl")
     by_variant = {r["variant"]: r for r in rows}
-    assert set(by_variant) == {"baseline", accuracy.UPPER, "threshold_off", "no_promotion"}
+    assert set(by_variant) == {
+        "baseline",
+        accuracy.UPPER,
+        "threshold_off",
+        "no_promotion",
+        "adopted",
+    }
     base, upper = by_variant["baseline"], by_variant[accuracy.UPPER]
     # the model shipped is chosen on validation; with promotion off it is the last student, and
     # a run whose baseline promoted every round is the baseline's (nothing trained twice)
@@ -179,6 +190,12 @@ def test_accuracy_benchmark_runs_shares_the_teacher_and_resumes(bench_params, tm
     off = by_variant["no_promotion"]
     assert off["champion"] == "student_2" and all(off["promoted"].values())
     assert (off.get("same_as") == "baseline") == all(base["promoted"].values())
+    # ...and a variant that changes nothing params.yaml has is the baseline's run, not trained
+    adopted = by_variant["adopted"]
+    assert adopted["same_as"] == "baseline"
+    assert adopted["same_because"] == "params.yaml has these settings"
+    assert adopted["test_accuracy"] == base["test_accuracy"]
+    assert "(= baseline: params.yaml has these settings)" in text
     assert list(base["test_accuracy"]) == ["teacher", "student_1", "student_2"]
     # the steps dvc.yaml wires after the teacher, each timed
     assert list(base["seconds"]) == [
@@ -204,7 +221,7 @@ def test_accuracy_benchmark_runs_shares_the_teacher_and_resumes(bench_params, tm
     assert threshold_off["above_threshold"] == threshold_off["pool_images"]
     assert "digits, 3 labels/class" in text and "threshold off" in text
     csv = pd.read_csv(tmp_path / "out" / "accuracy.csv")
-    assert set(csv["variant"]) == {"baseline", accuracy.UPPER, "threshold_off", "no_promotion"}
+    assert set(csv["variant"]) == set(by_variant)
     assert "the champion: best on validation" in text and "| seed |" in text
     accuracy.run(**kwargs)  # everything recorded: nothing runs again
     assert len(accuracy.read_records(tmp_path / "out" / "accuracy.jsonl")) == len(rows)
