@@ -159,7 +159,7 @@ VARIANTS: dict[str, tuple[str, Changes]] = {
 # does a variant whose changes params.yaml has since adopted: each is recorded from the
 # baseline's run instead of being trained again
 SAME_AS_BASELINE_WHEN_ALL_PROMOTED = "no_promotion"
-SAME_PARAMS_REASON = {
+SAME_AS_BASELINE_BECAUSE = {
     SAME_AS_BASELINE_WHEN_ALL_PROMOTED: "every round promoted",
     "params": "params.yaml has these settings",
 }
@@ -409,11 +409,16 @@ class Runner:
             return None
         if variant == SAME_AS_BASELINE_WHEN_ALL_PROMOTED:
             promoted = base_run.get("promoted")
-            return SAME_PARAMS_REASON[variant] if promoted and all(promoted.values()) else None
-        changes = variant_overrides(variant, self.params_file)
-        if self.settings({**cell.overrides, **changes}) == base:
-            return SAME_PARAMS_REASON["params"]
-        return None
+            return (
+                SAME_AS_BASELINE_BECAUSE[variant] if promoted and all(promoted.values()) else None
+            )
+        try:
+            settings = self.settings(
+                {**cell.overrides, **variant_overrides(variant, self.params_file)}
+            )
+        except PipelineError:
+            return None  # refused: the run says why (guarded)
+        return SAME_AS_BASELINE_BECAUSE["params"] if settings == base else None
 
     def guarded(self, cell: Cell, variant: str, fn, *args) -> None:
         """A run refused by the pipeline (say, a threshold that keeps nothing) is recorded as not
@@ -708,7 +713,7 @@ def seed_table(records: list[dict]) -> str:
         )
         up = uppers.get((r["dataset"], r["labels_per_class"], r["seed"]))
         upper = f"{100 * up['test_accuracy']['final']:.1f}" if up else "not run"
-        why = r.get("same_because", SAME_PARAMS_REASON[SAME_AS_BASELINE_WHEN_ALL_PROMOTED])
+        why = r.get("same_because", SAME_AS_BASELINE_BECAUSE[SAME_AS_BASELINE_WHEN_ALL_PROMOTED])
         same = f" (= baseline: {why})" if r.get("same_as") else ""
         lines.append(
             f"| {setting_name(r['dataset'], r['labels_per_class'])} | {r['seed']} | "
