@@ -10,6 +10,8 @@ restored from DVC's run-cache, or run and recorded in dvc.lock exactly as `dvc r
 
 Run it once, in this process:   python -m flows.self_training [--overrides '{"seed": 1}']
 Serve it for `prefect deployment run`:   make serve   (flows/serve.py)
+Then pick the pool images a person should label next (params.yaml's `to_label`), published as a
+Prefect artifact with their contact sheet:   --label-next   (deployment parameter `label_next`)
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from noisy_student.core.settings import PARAMS_FILE, Settings, load_settings
 from noisy_student.evaluation.rounds import rounds_table
 from noisy_student.models import promotion
 from noisy_student.models.card import load_card
+from noisy_student.pseudo_labels.to_label import to_label
 from noisy_student.report import publish, render
 from noisy_student.tracking import registry
 from noisy_student.tracking import runs as tracking
@@ -82,14 +85,51 @@ def one_run_at_a_time(root: Path):
         lock.release()
 
 
+@task(cache_policy=NO_CACHE)
+def pick_images_to_label(settings: Settings, layout: Layout) -> dict[str, Any]:
+    """The pool images a person should label next, by the champion (params.yaml's to_label),
+    written under to_label.out and published with their contact sheet."""
+    picked = to_label(settings, layout)
+    out = Path(settings.to_label.out)
+    create_table_artifact(
+        picked.drop(columns="source").round(4).to_dict("records"),
+        key="images-to-label",
+        description=f"The {len(picked)} pool images to label next ({settings.to_label.strategy})",
+    )
+    create_markdown_artifact(
+        to_label_markdown(settings, picked, out),
+        key="images-to-label-sheet",
+        description="The picked images with the model's two top guesses, and what to do next",
+    )
+    return {"picked": len(picked), "folder": str(out.resolve())}
+
+
+def to_label_markdown(settings: Settings, picked, out: Path) -> str:
+    labeled = settings.data.labeled_dir or "data.labeled_dir"
+    return "\n".join(
+        [
+            f"# {len(picked)} pool images to label next ({settings.to_label.strategy})",
+            "",
+            f"In `{out.resolve()}`: `picked.csv`, and the images in `unsorted/`. Move each into "
+            f"its class folder there, then into `{labeled}/<class>/` and out of the pool, and "
+            "run the loop again: what depends on the labeled set reruns.",
+            "",
+            f"![images to label]({render.data_uri(out / 'contact_sheet.png')})",
+            "",
+        ]
+    )
+
+
 @flow(name=FLOW_NAME, log_prints=True)
 def self_training(
-    overrides: dict[str, Any] | None = None, project_dir: str = "."
+    overrides: dict[str, Any] | None = None, project_dir: str = ".", label_next: bool = False
 ) -> dict[str, Any]:
     """Run the Noisy Student loop of the DVC project at ``project_dir``.
 
     ``overrides``: params.yaml values for this run only, as dotted keys
     (``{"pseudo_label.threshold": 0.9, "students.1.epochs": 30}``), validated like params.yaml.
+    ``label_next``: then pick the pool images a person should label next (params.yaml's
+    ``to_label``; README, "Label the images that matter next").
     """
     logger = get_run_logger()
     root = Path(project_dir).resolve()
@@ -109,7 +149,7 @@ def self_training(
         # in the project folder, where its relative paths (a weights file) point
         with contextlib.chdir(root):
             settings = load_settings(PARAMS_FILE, overrides)  # bad values fail before any work
-        summary = run_steps(project, root, settings, overrides, run_name, run_tags)
+        summary = run_steps(project, root, settings, overrides, run_name, run_tags, label_next)
     return summary
 
 
@@ -120,6 +160,7 @@ def run_steps(
     overrides: dict[str, Any],
     run_name: str,
     run_tags: dict[str, str],
+    pick: bool = False,
 ) -> dict[str, Any]:
     with (
         contextlib.chdir(root),  # the stage functions use the project's relative paths
@@ -176,7 +217,11 @@ def run_steps(
             key="self-training-report",
             description="The report (reports/report.html): rounds, champion, every picture",
         )
-    return {"outcomes": outcomes, "rounds": rows, "mlflow_run_id": parent.run_id}
+        summary = {"outcomes": outcomes, "rounds": rows, "mlflow_run_id": parent.run_id}
+        if pick:
+            pick_task = pick_images_to_label.with_options(task_run_name="pick images to label")
+            summary["to_label"] = pick_task(settings, layout)
+    return summary
 
 
 def follow_up_skipped_steps(
@@ -278,6 +323,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description="Run the self-training flow once, in this process.")
     p.add_argument("--overrides", default="{}", help="JSON: dotted params.yaml keys to values")
     p.add_argument("--project-dir", default=".")
+    p.add_argument(
+        "--label-next",
+        action="store_true",
+        help="then pick the pool images to label next (params.yaml's to_label section)",
+    )
     args = p.parse_args()
     logging.basicConfig(format="%(message)s")  # the stages' lines on this terminal too
     try:
@@ -286,7 +336,7 @@ def main() -> None:
         sys.exit(f"error: --overrides is not valid JSON ({exc})")
     if not isinstance(overrides, dict):
         sys.exit('error: --overrides must be a JSON object, e.g. {"pseudo_label.threshold": 0.9}')
-    state = self_training(overrides, args.project_dir, return_state=True)
+    state = self_training(overrides, args.project_dir, args.label_next, return_state=True)
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)
         sys.exit(f"error: {exc}" if isinstance(exc, PipelineError) else f"flow run {state.name}")

@@ -317,6 +317,16 @@ class ReportSettings(Strict):
     supervised_accuracy: Probability | None
 
 
+class ToLabelSettings(Strict):
+    """The pool images a person should label next (pseudo_labels/to_label.py): read by its
+    command and by the flow's ``label_next`` step; no DVC stage reads these."""
+
+    count: PositiveInt
+    strategy: Literal["least_confident", "margin", "disagreement"]
+    model: Annotated[str, Field(min_length=1)] | None  # None: the champion
+    out: Annotated[str, Field(min_length=1)]
+
+
 class FlowSettings(Strict):
     """Prefect orchestration only: no DVC stage reads these."""
 
@@ -338,6 +348,7 @@ class Settings(Strict):
     selection: SelectionSettings
     report: ReportSettings
     mlflow: MlflowSettings
+    to_label: ToLabelSettings
     flow: FlowSettings
 
     @model_validator(mode="after")

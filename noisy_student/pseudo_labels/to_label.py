@@ -1,16 +1,17 @@
 """Which pool images a person should label next: where the loop is least sure.
 
-    python -m noisy_student.pseudo_labels.to_label --count 40                  # least confident
+    python -m noisy_student.pseudo_labels.to_label                 # params.yaml's to_label section
     python -m noisy_student.pseudo_labels.to_label --count 40 --strategy margin
-    python -m noisy_student.pseudo_labels.to_label --strategy disagreement --out to_label
+    python -m flows.self_training --label-next                     # after the loop, in the flow
 
-The champion (or ``--model``) classifies the prepared pool; the strategy scores each image:
-``least_confident`` (lowest top probability), ``margin`` (smallest gap between the top two
-classes) or ``disagreement`` (how many different classes the round teachers' pseudo-labels and
-the champion gave it; ties broken by confidence). Picks are balanced over the predicted classes
-(round robin, each class's worst first), so one confusing class does not take every slot.
+Each option defaults to params.yaml's ``to_label`` section. The champion (or ``--model``)
+classifies the prepared pool; the strategy scores each image: ``least_confident`` (lowest top
+probability), ``margin`` (smallest gap between the top two classes) or ``disagreement`` (how
+many different classes the round teachers' pseudo-labels and the champion gave it; ties broken
+by confidence). Picks are balanced over the predicted classes (round robin, each class's worst
+first), so one confusing class does not take every slot.
 
-Writes under ``--out`` (default ``to_label/``), whole or not at all:
+Writes under ``--out`` (``to_label.out``), whole or not at all:
 
 - ``picked.csv``: rank, id, the model's guess, its confidence and margin, the score, the source;
 - ``contact_sheet.png``: every picked image with its top guesses;
@@ -19,7 +20,8 @@ Writes under ``--out`` (default ``to_label/``), whole or not at all:
   into ``data.labeled_dir/<class>/`` (and out of the pool) and run ``dvc repro``: the scan stage
   sees the change and reruns what depends on the labeled set.
 
-This is no DVC stage: it reads the loop's outputs and writes a to-do list for a person.
+This is no DVC stage: it reads the loop's outputs and writes a to-do list for a person, which
+no later stage reads (a stage would run it on every `dvc repro`, the demo's included).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +41,7 @@ from noisy_student.core import cli
 from noisy_student.core.atomic import atomic_path
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
-from noisy_student.core.settings import Settings
+from noisy_student.core.settings import Settings, ToLabelSettings
 from noisy_student.data.splits import load_classes, load_split
 from noisy_student.models import promotion
 from noisy_student.models.classifier import load_checkpoint, resolve_device
@@ -46,7 +49,7 @@ from noisy_student.models.inference import EVAL_BATCH_SIZE, eval_loader, iter_pr
 from noisy_student.pseudo_labels.table import read_columns
 
 log = logging.getLogger(__name__)
-STRATEGIES = ("least_confident", "margin", "disagreement")
+STRATEGIES = typing.get_args(ToLabelSettings.model_fields["strategy"].annotation)
 SHEET_COLUMNS = 8
 
 
@@ -119,12 +122,18 @@ def to_label(
     settings: Settings,
     layout: Layout,
     *,
-    count: int,
-    strategy: str = "least_confident",
+    count: int | None = None,
+    strategy: str | None = None,
     model: str | None = None,
-    out: Path = Path("to_label"),
+    out: Path | None = None,
 ) -> pd.DataFrame:
-    """Pick ``count`` pool images for a person to label; write them under ``out``."""
+    """Pick ``count`` pool images for a person to label; write them under ``out``. Each argument
+    left out is params.yaml's (``to_label``; its ``model: null`` is the champion)."""
+    cfg = settings.to_label
+    count = cfg.count if count is None else count
+    strategy = strategy or cfg.strategy
+    model = model or cfg.model
+    out = Path(cfg.out) if out is None else out
     if count < 1:
         raise PipelineError(f"--count {count}: pick at least one image")
     if strategy not in STRATEGIES:
@@ -178,14 +187,16 @@ def to_label(
 
 def main() -> None:
     p = cli.parser(__doc__.splitlines()[0])
-    p.add_argument("--count", type=int, default=40, help="how many images to pick")
-    p.add_argument("--strategy", choices=STRATEGIES, default="least_confident")
-    p.add_argument("--model", default=None, help="teacher, student_1, ... (default: champion)")
-    p.add_argument("--out", default="to_label", help="the folder to write")
+    # every default is params.yaml's to_label section
+    p.add_argument("--count", type=int, help="how many images to pick (to_label.count)")
+    p.add_argument("--strategy", choices=STRATEGIES, help="(to_label.strategy)")
+    p.add_argument("--model", help="teacher, student_1, ... (to_label.model; null: the champion)")
+    p.add_argument("--out", help="the folder to write (to_label.out)")
 
     def run(args, settings: Settings) -> None:
+        out = None if args.out is None else Path(args.out)
         to_label(settings, Layout.at(), count=args.count, strategy=args.strategy,
-                 model=args.model, out=Path(args.out))  # fmt: skip
+                 model=args.model, out=out)  # fmt: skip
 
     cli.run(run, p.parse_args())
 

@@ -5,11 +5,13 @@ Prefect artifacts, overrides for one run, bad overrides, a failed round resumed 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 from types import SimpleNamespace
 
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
@@ -20,7 +22,9 @@ import noisy_student.training.launch
 from flows.dvc_project import DvcProject, params_for_run
 from flows.stages import dag_order, dvc_yaml_plan, plan
 from noisy_student.core.errors import PipelineError
+from noisy_student.core.layout import Layout
 from noisy_student.core.settings import load_settings
+from noisy_student.pseudo_labels.to_label import to_label
 from tests.helpers.flows import flow_project, flow_run, flow_run_name, outcomes
 from tests.helpers.project import (
     ROOT,
@@ -210,6 +214,41 @@ def test_second_run_skips_every_stage(flow_demo):
     assert state.is_completed()
     assert outcomes(state) == {SCAN: "ran", **dict.fromkeys(STAGES[1:], "skipped")}
     assert dvc_status(project) == {}
+
+
+@pytest.mark.slow
+def test_label_next_publishes_the_champions_picks_after_the_loop(flow_demo, tmp_path):
+    """`label_next`: after the loop (here all skipped), the champion's picks by params.yaml's
+    to_label section (12 by margin, for this run) are written to to_label/ and published as
+    Prefect artifacts, contact sheet inline; DVC sees nothing new."""
+    project = copy_project(flow_demo[0], tmp_path / "copy")
+    overrides = {"to_label.count": 12, "to_label.strategy": "margin"}
+    state = flow_run(project, overrides, label_next=True)
+    assert state.is_completed(), state.message
+    assert outcomes(state) == {SCAN: "ran", **dict.fromkeys(STAGES[1:], "skipped")}
+    folder = str((project / "to_label").resolve())
+    assert state.result()["to_label"] == {"picked": 12, "folder": folder}
+    picked = pd.read_csv(project / "to_label/picked.csv", dtype={"id": str})
+    with contextlib.chdir(project):  # the same picks as the command would make
+        mine = to_label(load_settings(overrides=overrides), Layout.at(), out=tmp_path / "mine")
+    assert picked["id"].tolist() == mine["id"].tolist() and mine["rank"].tolist() == [*range(1, 13)]
+    assert mine["score"].to_numpy() == pytest.approx(1 - mine["margin"].to_numpy())  # by margin
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    by_key = {a.key: a for a in artifacts if a.key}
+    rows = by_key["images-to-label"].data
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    assert [row["id"] for row in rows] == picked["id"].tolist()
+    (sheet,) = re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", by_key[
+        "images-to-label-sheet"].data)  # fmt: skip
+    assert base64.b64decode(sheet) == (project / "to_label/contact_sheet.png").read_bytes()
+    assert dvc_status(project) == {}
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["to_label"]["count"] == 40  # the overrides held for that run only
 
 
 @pytest.mark.slow

@@ -12,10 +12,10 @@ def flow_project(path: Path, rounds: int = 2, **changes) -> Path:
     return make_project(path, quick(load_params(), rounds=rounds, **changes))
 
 
-def flow_run(project: Path, overrides: dict | None = None):
+def flow_run(project: Path, overrides: dict | None = None, **options):
     from flows.self_training import self_training
 
-    return self_training(overrides, str(project), return_state=True)
+    return self_training(overrides, str(project), return_state=True, **options)
 
 
 def outcomes(state) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -311,6 +312,27 @@ def test_users_own_folders(tmp_path):
     assert outputs_bytes(project) == before and registry_champion(project) == champion
     now = pd.read_csv(predictions)["actual"].value_counts().to_dict()
     assert (now["class_0"], now["class_1"]) == (actual["class_0"] - 1, actual["class_1"] + 1)
+    # to_label's picks, sorted by a person (who agrees with each guess) into the labeled folders
+    # and out of the pool: the labeled set grows by them, the pool shrinks by them, and the
+    # stages that depend on them are out of date
+    command = [sys.executable, "-m", "noisy_student.pseudo_labels.to_label", "--count", "3"]
+    run(command, project)
+    picked = pd.read_csv(project / "to_label/picked.csv")
+    assert len(picked) == 3 and len(list((project / "to_label/unsorted").iterdir())) == 3
+    for row in picked.itertuples():
+        source = Path(row.source)
+        assert source.is_relative_to(images / "pool")
+        source.rename(images / "labeled" / row.guess / source.name)
+    run(["dvc", "repro", "prepare"], project)
+    prepared = project / "data/prepared"
+    labeled = pd.read_csv(prepared / "labeled/index.csv")["source"].map(lambda s: Path(s).name)
+    pool = pd.read_csv(prepared / "unlabeled/index.csv")["source"].map(lambda s: Path(s).name)
+    moved = {Path(s).name for s in picked["source"]}
+    assert moved <= set(labeled) and not moved & set(pool) and len(pool) == 27
+    # the stages that read the labeled set or the pool; evaluate, register and export follow
+    # once the models they read change
+    stale = {"augment", "train_teacher", "pseudo_label@0", "train_student@0", "report"}
+    assert set(dvc_status(project)) == stale
     # a relabeled labeled image: the trainings are out of date (prepared again, not retrained)
     move_one(images / "labeled" / "class_0", images / "labeled" / "class_1")
     run(["dvc", "repro", "prepare"], project)
