@@ -31,7 +31,8 @@ pytestmark = pytest.mark.slow
 def test_served_deployment_runs_through_the_api(prefect_server, repro_demo, tmp_path):
     """Two deployment runs started at the same moment: one waits for the other (the project's
     run lock), both complete, and neither corrupts the outputs or the MLflow store; the models
-    and pseudo-labels are those `dvc repro` made of the same params and data, byte for byte."""
+    and pseudo-labels are those `dvc repro` made of the same params and data, byte for byte.
+    One of them also picks the images to label next (the deployment parameter label_next)."""
     project = flow_project(tmp_path / "p")
     env = {**venv_env(), "PREFECT_API_URL": prefect_server}
     serve = subprocess.Popen(
@@ -55,7 +56,10 @@ def test_served_deployment_runs_through_the_api(prefect_server, repro_demo, tmp_
                             f"no deployment served:\n{serve.stdout.read()}"
                         ) from None
                     time.sleep(1)
-            started = [run_deployment("self-training/demo", timeout=0) for _ in range(2)]
+            started = [
+                run_deployment("self-training/demo", parameters=parameters, timeout=0)
+                for parameters in ({}, {"label_next": True})
+            ]
             deadline = time.monotonic() + 900
             while True:
                 states = [client.read_flow_run(r.id).state for r in started]
@@ -81,6 +85,9 @@ def test_served_deployment_runs_through_the_api(prefect_server, repro_demo, tmp_
     assert dvc_status(project) == {}
     assert os.path.exists(project / "pseudo_labels/student_2.parquet")
     assert loop_results(project) == loop_results(repro_demo[0])
+    picked = (project / "to_label/picked.csv").read_text().splitlines()
+    assert len(picked) == 1 + yaml.safe_load((project / "params.yaml").read_text())["to_label"][
+        "count"]  # fmt: skip
     runs = mlflow_runs(project)
     parents = [r for r in runs if r.data.tags.get("stage") == "flow"]
     trainings = [r for r in runs if r.data.tags.get("stage") != "flow"]

@@ -72,6 +72,9 @@ def error_for(tmp_path, params) -> str:
         (lambda p: p["pseudo_label"].update(ood_score="mahalanobis"), "pseudo_label.ood_score:"),
         (lambda p: p["pseudo_label"].update(ood_neighbours=0), "pseudo_label.ood_neighbours:"),
         (lambda p: p["students"][0].update(epoch_patience=0), "students.0.epoch_patience:"),
+        (lambda p: p["to_label"].update(count=0), "to_label.count: Input should be greater"),
+        (lambda p: p["to_label"].update(strategy="entropy"), "to_label.strategy: Input should"),
+        (lambda p: p.pop("to_label"), "to_label: missing key"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, params, edit, expected):
