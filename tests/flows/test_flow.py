@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 import flows.stages
 import noisy_student.training.launch
@@ -25,7 +24,14 @@ from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import load_settings
 from noisy_student.pseudo_labels.to_label import to_label
-from tests.helpers.flows import flow_project, flow_run, flow_run_name, outcomes
+from tests.helpers.flows import (
+    flow_artifacts,
+    flow_project,
+    flow_run,
+    flow_run_name,
+    outcomes,
+    table_rows,
+)
 from tests.helpers.project import (
     ROOT,
     SCAN,
@@ -181,15 +187,9 @@ def test_flow_run_is_one_mlflow_parent_run(flow_demo):
 @pytest.mark.slow
 def test_flow_publishes_prefect_artifacts(flow_demo):
     project, state = flow_demo
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
-            )
-        )
+    artifacts = flow_artifacts(state)
     by_key = {a.key: a for a in artifacts if a.key}
-    table = by_key["self-training-rounds"].data
-    rows = json.loads(table) if isinstance(table, str) else table
+    rows = table_rows(by_key["self-training-rounds"])
     assert [row["model"] for row in rows] == ["teacher", "student_1", "student_2"]
     for row in rows[1:]:
         summary = json.loads((project / f"pseudo_labels/{row['model']}.json").read_text())
@@ -233,15 +233,8 @@ def test_label_next_publishes_the_champions_picks_after_the_loop(flow_demo, tmp_
         mine = to_label(load_settings(overrides=overrides), Layout.at(), out=tmp_path / "mine")
     assert picked["id"].tolist() == mine["id"].tolist() and mine["rank"].tolist() == [*range(1, 13)]
     assert mine["score"].to_numpy() == pytest.approx(1 - mine["margin"].to_numpy())  # by margin
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
-            )
-        )
-    by_key = {a.key: a for a in artifacts if a.key}
-    rows = by_key["images-to-label"].data
-    rows = json.loads(rows) if isinstance(rows, str) else rows
+    by_key = {a.key: a for a in flow_artifacts(state) if a.key}
+    rows = table_rows(by_key["images-to-label"])
     assert [row["id"] for row in rows] == picked["id"].tolist()
     (sheet,) = re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", by_key[
         "images-to-label-sheet"].data)  # fmt: skip
