@@ -44,7 +44,6 @@ from noisy_student.core.settings import PARAMS_FILE, Settings, load_settings
 from noisy_student.evaluation.rounds import rounds_table
 from noisy_student.models import promotion
 from noisy_student.models.card import load_card
-from noisy_student.pseudo_labels.to_label import to_label
 from noisy_student.report import publish, render
 from noisy_student.tracking import registry
 from noisy_student.tracking import runs as tracking
@@ -89,8 +88,12 @@ def one_run_at_a_time(root: Path):
 def pick_images_to_label(settings: Settings, layout: Layout) -> dict[str, Any]:
     """The pool images a person should label next, by the champion (params.yaml's to_label),
     written under to_label.out and published with their contact sheet."""
-    picked = to_label(settings, layout)
+    # here, not at the top: it imports torch and timm (about 3 s), which a flow run whose
+    # stages are all up to date, and the serving process, otherwise never load
+    from noisy_student.pseudo_labels.to_label import to_label
+
     out = Path(settings.to_label.out)
+    picked = to_label(settings, layout, out=out)
     create_table_artifact(
         picked.drop(columns="source").round(4).to_dict("records"),
         key="images-to-label",
