@@ -173,7 +173,9 @@ def fit_ips(
     loop.create_optimizer = create_optimizer  # the one difference between the sides
     try:
         net = new_model(spec, device, settings, compile_)
-        config = loop.FitConfig(spec, settings.runtime, device, 0, "compare", augment=batched)
+        config = loop.FitConfig(
+            spec, settings.runtime, device, 0, "compare", settings.data.image_size, augment=batched
+        )
         history = loop.fit(net, items, val, config)
     finally:
         loop.create_optimizer = original

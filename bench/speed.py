@@ -101,7 +101,8 @@ def train_spec(settings: Settings, model: str, epochs: int) -> ModelTraining:
 def new_model(spec: ModelTraining, device: torch.device, settings: Settings, compile_: bool):
     seed_everything(0)
     net = create_model(spec, len(CLASSES))
-    net.to(device=device, memory_format=device_memory_format(device, settings.runtime))
+    fmt = device_memory_format(device, settings.runtime, settings.data.image_size)
+    net.to(device=device, memory_format=fmt)
     if compile_:
         net.compile()  # in place: names and attributes stay those of the timm model
     return net
@@ -123,7 +124,7 @@ class BareTraining:
         self.device, self.runtime, self.batch = device, settings.runtime, spec.batch_size
         self.net = new_model(spec, device, settings, compile_).train()
         self.optimizer = create_optimizer(self.net, spec)
-        fmt = device_memory_format(device, self.runtime)
+        fmt = device_memory_format(device, self.runtime, size)
         self.x = torch.randn(self.batch, 3, size, size, device=device).contiguous(memory_format=fmt)
         self.y = torch.randint(0, len(CLASSES), (self.batch,), device=device)
         for _ in range(warmup):
@@ -160,7 +161,7 @@ class BareInference:
     ) -> None:
         self.device, self.runtime, self.batch = device, settings.runtime, batch
         self.net = new_model(spec, device, settings, False).eval()
-        fmt = device_memory_format(device, self.runtime)
+        fmt = device_memory_format(device, self.runtime, size)
         self.x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
         self(warmup)
 
@@ -223,7 +224,7 @@ def interleaved_training(
         resumes.append(time.perf_counter())
 
     config = FitConfig(
-        spec, settings.runtime, device, 0, "speed", on_epoch=on_epoch,
+        spec, settings.runtime, device, 0, "speed", settings.data.image_size, on_epoch=on_epoch,
         checkpoint=checkpoint.member("speed"), augment=batched,
     )  # fmt: skip
     history = fit(net, items, val, config)
@@ -348,10 +349,12 @@ def device_name(device: torch.device) -> str:
 
 
 def precision(settings: Settings, device: torch.device) -> str:
+    runtime = settings.runtime
     if device.type != "cuda":
-        return "fp32"
-    amp = "bf16 autocast" if settings.runtime.amp else "fp32"
-    return amp + (", channels_last" if settings.runtime.channels_last else "")
+        cpu_from = runtime.cpu_channels_last_from if runtime.channels_last else None
+        return "fp32" + (f", channels_last from {cpu_from} px" if cpu_from else "")
+    amp = "bf16 autocast" if runtime.amp else "fp32"
+    return amp + (", channels_last" if runtime.channels_last else "")
 
 
 def render(result: dict[str, Any]) -> str:

@@ -87,7 +87,8 @@ def predict(
         raise PipelineError(f"{folder}: holds no images (looked at any depth)")
     device = resolve_device(settings.runtime)
     classifier, card = load_checkpoint(model_folder(model, settings, layout or Layout.at()), device)
-    memory_format = device_memory_format(device, settings.runtime)
+    memory_format = device_memory_format(device, settings.runtime, card.image_size)
+    classifier.to(memory_format=memory_format)
     ids = [p.relative_to(folder).as_posix() for p in paths]
     counts = dict.fromkeys(card.classes, 0)
     with (

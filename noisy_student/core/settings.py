@@ -182,7 +182,10 @@ class RuntimeSettings(Strict):
     # training processes. Set, not inherited (OMP_NUM_THREADS), because CPU results depend on it
     cpu_threads: PositiveInt | None
     amp: bool
-    channels_last: bool
+    channels_last: bool  # NHWC memory format: on CUDA, and on the CPU from cpu_channels_last_from
+    # the image_size from which the CPU uses channels_last too (oneDNN's NHWC convolutions);
+    # None: never on the CPU
+    cpu_channels_last_from: PositiveInt | None
     checkpoint_epochs: PositiveInt
     devices: PositiveInt  # training processes per machine (torchrun --nproc_per_node)
     nodes: PositiveInt  # machines (torchrun --nnodes)

@@ -73,12 +73,15 @@ def iter_outputs(
     and leaves it idle while the host turns the batch into table rows (bench/README.md "GPU").
 
     ``classifier`` takes pixels 0..255 (models.classifier.Classifier); an ensemble's
-    probabilities and energies are its members' averages."""
+    probabilities and energies are its members' averages; its weights take the memory format
+    of the batches (``device_memory_format`` at their size) in place."""
     classifier.eval()
-    memory_format = device_memory_format(device, runtime)
     pending: list[Outputs] = []
     held = 0
     for images in loader:
+        memory_format = device_memory_format(device, runtime, min(images.shape[-2:]))
+        if not held and not pending:  # once: the weights in the batches' format
+            classifier.to(memory_format=memory_format)
         x = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         with autocast(device, runtime):
             pending.append(classifier.outputs(x, temperature, features))
@@ -129,8 +132,16 @@ def accuracy(
     return float(correct(classifier, loader, labels, device, runtime).mean())
 
 
-def device_memory_format(device: torch.device, runtime: RuntimeSettings) -> torch.memory_format:
-    if runtime.channels_last and device.type == "cuda":
+def device_memory_format(
+    device: torch.device, runtime: RuntimeSettings, image_size: int
+) -> torch.memory_format:
+    """channels_last on CUDA, and on the CPU for images of at least
+    ``runtime.cpu_channels_last_from`` pixels (oneDNN's NHWC convolutions pay there, not on small
+    images: bench/README.md "channels_last on the CPU"); contiguous otherwise."""
+    if not runtime.channels_last:
+        return torch.contiguous_format
+    on_cpu = device.type == "cpu" and runtime.cpu_channels_last_from is not None
+    if device.type == "cuda" or (on_cpu and image_size >= runtime.cpu_channels_last_from):
         return torch.channels_last
     return torch.contiguous_format
 

@@ -71,6 +71,7 @@ class FitConfig:
     device: torch.device
     seed: int
     desc: str
+    image_size: int  # the training crops' side: whether the CPU trains channels_last
     distill: Distillation | None = None
     on_epoch: Callable[[EpochResult], None] | None = None
     on_first_batch: Callable[[torch.Tensor], None] | None = None
@@ -194,7 +195,7 @@ def _set_up(model: torch.nn.Module, train_set: TrainingImages, config: FitConfig
             f"{here.size} training processes (runtime.devices x runtime.nodes)"
         )
     batch_size = spec.batch_size // here.size  # this process's share of the global batch
-    memory_format = device_memory_format(device, runtime)
+    memory_format = device_memory_format(device, runtime, config.image_size)
     model.to(device=device, memory_format=memory_format)
     mean, std = normalization(model)
     # evaluation runs on rank 0 alone, on the plain model (or its average): DDP's forward is a

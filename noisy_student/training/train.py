@@ -389,6 +389,7 @@ def train_member(
         device,
         seed,
         desc,
+        settings.data.image_size,
         distill=distill,
         on_epoch=on_epoch,
         on_first_batch=log_batch_image,

@@ -155,7 +155,7 @@ def test_clean_and_online_teachers_agree_when_nothing_is_noised():
         items = TrainingImages(images, rows, np.zeros((8, 3)), np.ones(8), probs)
         torch.manual_seed(5)
         student = tiny_net(5)
-        config = FitConfig(spec, cpu, torch.device("cpu"), 0, "s", distill, lambda r: None)
+        config = FitConfig(spec, cpu, torch.device("cpu"), 0, "s", 16, distill, lambda r: None)
         fit(student, items, val, config)
         weights.append(student.state_dict())
     for key, value in weights[0].items():

@@ -17,7 +17,8 @@ from noisy_student.core.settings import ModelTraining, RuntimeSettings
 from noisy_student.data.loaders import TrainingImages
 from noisy_student.data.splits import UNKNOWN, Split
 from noisy_student.losses.mixing import one_hot
-from noisy_student.models.classifier import create_model
+from noisy_student.models.classifier import Classifier, create_model, normalization
+from noisy_student.models.inference import device_memory_format, eval_loader, iter_probabilities
 from noisy_student.models.transfer import (
     backbone_modules,
     create_optimizer,
@@ -38,9 +39,9 @@ def spec(**changes) -> ModelTraining:
     return ModelTraining.model_validate({**teacher, **changes})
 
 
-def tiny_data(n: int = 16) -> tuple[TrainingImages, Split]:
+def tiny_data(n: int = 16, size: int = 16) -> tuple[TrainingImages, Split]:
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8)
+    images = rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8)
     labels = np.arange(n) % 3
     train = TrainingImages(images, np.arange(n), one_hot(labels, 3), np.zeros(n))
     val = Split(images[:4], [str(i) for i in range(4)], labels[:4], np.full(4, UNKNOWN))
@@ -53,7 +54,7 @@ def test_linear_probe_trains_the_head_only():
     model = create_model(recipe, 3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train, val = tiny_data()
-    fit(model, train, val, FitConfig(recipe, CPU, torch.device("cpu"), 0, "probe"))
+    fit(model, train, val, FitConfig(recipe, CPU, torch.device("cpu"), 0, "probe", 16))
     after = model.state_dict()
     assert set(after) == set(before)  # plain BatchNorm again: loads into a fresh timm model
     head = {k for k in before if k.startswith("fc.")}
@@ -71,7 +72,7 @@ def test_finetune_trains_the_backbone_too():
     model = create_model(recipe, 3)
     before = model.conv1[0].weight.clone()
     train, val = tiny_data()
-    fit(model, train, val, FitConfig(recipe, CPU, torch.device("cpu"), 0, "finetune"))
+    fit(model, train, val, FitConfig(recipe, CPU, torch.device("cpu"), 0, "finetune", 16))
     assert not torch.equal(before, model.conv1[0].weight)
 
 
@@ -206,7 +207,7 @@ def fit_remembering(recipe: ModelTraining, keep: str, train, val):
     def remember(result):
         states[result.epoch] = {k: v.clone() for k, v in model.state_dict().items()}
 
-    config = FitConfig(recipe, CPU, torch.device("cpu"), 0, keep, on_epoch=remember, keep=keep)
+    config = FitConfig(recipe, CPU, torch.device("cpu"), 0, keep, 16, on_epoch=remember, keep=keep)
     history = fit(model, train, val, config)
     return model, history, states
 
@@ -255,7 +256,7 @@ def test_patience_stops_at_a_plateau_with_the_model_a_full_run_had_then(tmp_path
         torch.manual_seed(0)
         model = create_model(recipe, 3)
         config = FitConfig(
-            recipe, CPU, torch.device("cpu"), 0, "p", keep=keep,
+            recipe, CPU, torch.device("cpu"), 0, "p", 16, keep=keep,
             checkpoint=MemberCheckpoint(folder, "m", every=1),
         )  # fmt: skip
         history = fit(model, train, val, config)
@@ -318,7 +319,7 @@ def test_a_resumed_training_ends_with_the_moving_average_of_an_uninterrupted_one
         model = create_model(recipe, 3)
         checkpoint = MemberCheckpoint(folder, "m", every=1)
         config = FitConfig(
-            recipe, CPU, torch.device("cpu"), 0, "ema", checkpoint=checkpoint, keep="last"
+            recipe, CPU, torch.device("cpu"), 0, "ema", 16, checkpoint=checkpoint, keep="last"
         )
         fit(model, train, val, config)
         return model.state_dict(), checkpoint
@@ -329,3 +330,64 @@ def test_a_resumed_training_ends_with_the_moving_average_of_an_uninterrupted_one
     resumed, _ = run(tmp_path)
     for key, value in whole.items():
         assert torch.equal(value, resumed[key]), key
+
+
+def test_the_cpu_uses_channels_last_from_its_image_size_and_cuda_always():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    start = CPU.cpu_channels_last_from
+    assert start is not None
+    assert device_memory_format(cpu, CPU, start - 1) == torch.contiguous_format
+    assert device_memory_format(cpu, CPU, start) == torch.channels_last
+    assert device_memory_format(cuda, CPU, 16) == torch.channels_last
+    never = CPU.model_copy(update={"cpu_channels_last_from": None})
+    assert device_memory_format(cpu, never, 1024) == torch.contiguous_format
+    off = CPU.model_copy(update={"channels_last": False})
+    assert device_memory_format(cuda, off, 224) == torch.contiguous_format
+    assert device_memory_format(cpu, off, 224) == torch.contiguous_format
+
+
+def test_a_photo_sized_training_on_the_cpu_runs_channels_last_and_resumes_as_if_never_killed(
+    tmp_path,
+):
+    from noisy_student.training.resume import MemberCheckpoint
+
+    size = CPU.cpu_channels_last_from
+    recipe = spec(epochs=2, lr=0.05)
+    train, val = tiny_data(n=8, size=size)
+    formats = []
+
+    def run(folder):
+        torch.manual_seed(0)
+        model = create_model(recipe, 3)
+        checkpoint = MemberCheckpoint(folder, "m", every=1)
+
+        def on_epoch(result):
+            formats.append(model.conv1[0].weight.is_contiguous(memory_format=torch.channels_last))
+
+        config = FitConfig(
+            recipe, CPU, torch.device("cpu"), 0, "nhwc", size, checkpoint=checkpoint,
+            on_epoch=on_epoch,
+        )  # fmt: skip
+        fit(model, train, val, config)
+        return model.state_dict(), checkpoint
+
+    whole, checkpoint = run(tmp_path)
+    for path in checkpoint._files(2):  # as if killed during the last epoch
+        path.unlink()
+    resumed, _ = run(tmp_path)
+    assert formats == [True] * 3  # two epochs, then the resumed one
+    for key, value in whole.items():
+        assert torch.equal(value, resumed[key]), key
+    fresh = create_model(recipe, 3)  # NHWC weights load into a plain timm model
+    fresh.load_state_dict(whole)
+    # evaluated either way, the same probabilities up to the sums' order
+    loader = eval_loader(val.images, 4, CPU, torch.device("cpu"))
+    probs = []
+    for runtime in (CPU, CPU.model_copy(update={"channels_last": False})):
+        mean, std = normalization(fresh)
+        classifier = Classifier([fresh], [mean], [std])
+        batches = iter_probabilities(classifier, loader, torch.device("cpu"), runtime)
+        probs.append(torch.cat(list(batches)))
+        weight = fresh.conv1[0].weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) == runtime.channels_last
+    torch.testing.assert_close(probs[0], probs[1], rtol=1e-4, atol=1e-5)
