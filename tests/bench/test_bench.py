@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench import accuracy, active, compare, decode, foreign, scale, speed, storage
+from bench import accuracy, active, channels_last, compare, decode, foreign, scale, speed, storage
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.settings import load_settings
 from noisy_student.data.splits import UNKNOWN, Split
@@ -251,6 +251,29 @@ def test_speed_benchmark_times_fit_and_pseudo_label_against_the_bare_model(
     assert "**training ratio**" in (tmp_path / f"{stem}.md").read_text()
     written = json.loads((tmp_path / f"{stem}.json").read_text())
     assert written["device_type"] == "cpu" and written["augment_backend"] == backend
+
+
+@pytest.mark.slow
+def test_channels_last_benchmark_alternates_both_formats_at_each_size(bench_params, tmp_path):
+    result = channels_last.run(
+        params_file=bench_params,
+        sizes=(16,),
+        model="test_resnet",
+        seconds=0.1,
+        repeats=2,
+        out_dir=tmp_path,
+    )
+    (size,) = result["sizes"]
+    for layout in channels_last.LAYOUTS:
+        runs = size["runs"][layout]
+        assert all(len(v) == 2 and min(v) > 0 for v in runs.values()), layout
+        assert size["best"][layout]["fit_ips"] == max(runs["fit_ips"])
+    gain = size["channels_last_over_contiguous"]["bare_train_ips"]
+    best = size["best"]
+    assert gain == best["channels_last"]["bare_train_ips"] / best["contiguous"]["bare_train_ips"]
+    assert "**channels_last / contiguous**" in (tmp_path / "channels_last_cpu.md").read_text()
+    settings = channels_last.in_layout(load_settings(bench_params), "channels_last")
+    assert settings.runtime.cpu_channels_last_from == 1
 
 
 @pytest.mark.slow
