@@ -51,7 +51,8 @@ class EpochResult:
     val_accuracy: float
     lr: float  # the head's learning rate at the end of the epoch
     lr_backbone: float  # the backbone's (its first layer's, under layer decay)
-    seconds: float
+    seconds: float  # the epoch's training and validation
+    val_seconds: float = 0.0  # its validation pass (0 in checkpoints written before it was kept)
 
 
 @dataclass
@@ -140,10 +141,12 @@ def fit(
         if not here.main:  # rank 0 evaluates, logs and saves; the others only train
             _save(loop, config, epoch, [])
             continue
+        validating = time.perf_counter()
         val_acc = accuracy(loop.validated, val_loader, val.labels, config.device, config.runtime)
         lr_head, lr_backbone = group_lrs(loop.optimizer)
+        end = time.perf_counter()
         result = EpochResult(
-            epoch, train_loss, val_acc, lr_head, lr_backbone, time.perf_counter() - start
+            epoch, train_loss, val_acc, lr_head, lr_backbone, end - start, end - validating
         )
         history.append(result)
         loop.best.offer(epoch, val_acc, loop.validated.nets[0], copy=config.keep == "best")

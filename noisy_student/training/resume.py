@@ -176,10 +176,10 @@ def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
         for param in group["params"]:
             state = optimizer.state.get(param, {})
             for name, value in state.items():
-                if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                    if value.stride() != param.stride():
-                        laid_out = torch.empty_like(param, dtype=value.dtype, requires_grad=False)
-                        state[name] = laid_out.copy_(value)
+                moment = isinstance(value, torch.Tensor) and value.shape == param.shape
+                if moment and value.stride() != param.stride():
+                    laid_out = torch.empty_like(param, dtype=value.dtype, requires_grad=False)
+                    state[name] = laid_out.copy_(value)
 
 
 def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:

@@ -378,6 +378,7 @@ def train_member(
             "val_accuracy": result.val_accuracy,
             "lr": result.lr,
             "epoch_seconds": result.seconds,
+            "val_seconds": result.val_seconds,
         }
         if not np.isnan(result.lr_backbone):
             metrics["lr_backbone"] = result.lr_backbone

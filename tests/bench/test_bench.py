@@ -247,6 +247,8 @@ def test_speed_benchmark_times_fit_and_pseudo_label_against_the_bare_model(
     assert len(size["fit_ips"]) == 2 and len(size["bare_train_ips"]) == 3
     assert len(size["pseudo_label_ips"]) == 5 and len(size["bare_infer_ips"]) == 6
     assert size["train_ratio"] > 0 and size["pseudo_label_ratio"] > 0
+    # the steps alone leave out the validation pass and the checkpoints: never slower
+    assert size["train_steps_ratio"] >= size["train_ratio"]
     stem = "speed_cpu" if backend == "per_image" else "speed_cpu_batched"
     assert "**training ratio**" in (tmp_path / f"{stem}.md").read_text()
     written = json.loads((tmp_path / f"{stem}.json").read_text())

@@ -227,6 +227,7 @@ def test_keep_best_ends_with_the_best_validation_epoch_and_last_with_the_last():
     state, history, states = kept["last"]
     for key, value in state.items():
         assert torch.equal(value, states[len(history)][key]), key
+    assert all(0 < h.val_seconds < h.seconds for h in history)  # the validation pass's share
 
 
 def stop_of(history, patience: int) -> tuple[int, int]:
