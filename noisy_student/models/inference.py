@@ -78,9 +78,9 @@ def iter_outputs(
     classifier.eval()
     pending: list[Outputs] = []
     held = 0
-    for images in loader:
+    for index, images in enumerate(loader):
         memory_format = device_memory_format(device, runtime, min(images.shape[-2:]))
-        if not held and not pending:  # once: the weights in the batches' format
+        if index == 0:  # the weights in the batches' format
             classifier.to(memory_format=memory_format)
         x = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         with autocast(device, runtime):
