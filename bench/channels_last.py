@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from bench.cli import save_results
 from bench.speed import (
     BareInference,
     BareTraining,
@@ -37,7 +38,6 @@ from bench.speed import (
     training_set,
 )
 from bench.synthetic import write_pool
-from noisy_student.core.atomic import write_text
 from noisy_student.core.settings import PARAMS_FILE, Settings
 from noisy_student.data.splits import Split, load_split
 from noisy_student.training.loop import FitConfig, fit
@@ -158,8 +158,7 @@ def run(
         "sizes": results,
     }
     if out_dir is not None:
-        write_text(out_dir / "channels_last_cpu.json", json.dumps(result, indent=2) + "\n")
-        write_text(out_dir / "channels_last_cpu.md", render(result))
+        save_results(out_dir / "channels_last_cpu", result, render(result))
     return result
 
 

@@ -1,12 +1,23 @@
-"""What every benchmark's command line shares: logging, --report-only, one-line errors."""
+"""What every benchmark's command line shares: logging, --report-only, one-line errors, and
+the results written as JSON beside their table."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+from noisy_student.core.atomic import write_text
 from noisy_student.core.errors import PipelineError
+
+
+def save_results(stem: Path, result: dict[str, Any], table: str) -> None:
+    """``<stem>.json`` (the measurements) and ``<stem>.md`` (their table), each atomically."""
+    write_text(stem.with_name(stem.name + ".json"), json.dumps(result, indent=2) + "\n")
+    write_text(stem.with_name(stem.name + ".md"), table)
 
 
 def run_cli(report_only: bool, report: Callable[[], str], run: Callable[[], str]) -> None:

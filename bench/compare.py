@@ -31,7 +31,6 @@ import datetime
 import importlib
 import importlib.abc
 import importlib.util
-import json
 import logging
 import shlex
 import subprocess
@@ -47,6 +46,7 @@ import pandas as pd
 import torch
 
 import noisy_student.training.loop
+from bench.cli import save_results
 from bench.speed import (
     BareInference,
     BareTraining,
@@ -59,7 +59,6 @@ from bench.speed import (
 )
 from bench.synthetic import layout, write_model, write_pool
 from noisy_student.augment.batched import BatchAugment
-from noisy_student.core.atomic import write_text
 from noisy_student.core.errors import PipelineError
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import PARAMS_FILE, Settings
@@ -305,8 +304,7 @@ def run(
     }
     if out_dir is not None:
         stem = out_dir / f"compare_{torch_device.type}"
-        write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-        write_text(stem.with_suffix(".md"), render(result))
+        save_results(stem, result, render(result))
     return result
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -29,9 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.cli import run_cli
+from bench.cli import run_cli, save_results
 from bench.photos import sample_photos, save_photo
-from noisy_student.core.atomic import write_text
 from noisy_student.data.images import read_image, read_rgb, square_view
 
 
@@ -96,8 +94,7 @@ def run(
     }
     text = render(result)
     if out_dir is not None:
-        write_text(out_dir / "decode.json", json.dumps(result, indent=2) + "\n")
-        write_text(out_dir / "decode.md", text)
+        save_results(out_dir / "decode", result, text)
     return text
 
 

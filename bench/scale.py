@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from noisy_student.core.atomic import write_text
+from bench.cli import save_results
 from noisy_student.core.settings import PARAMS_FILE, known_timm_model, load_settings
 
 log = logging.getLogger("bench.scale")
@@ -231,8 +231,7 @@ def run(
         "pools": results,
     }
     if out_dir is not None:
-        write_text(out_dir / "scale.json", json.dumps(result, indent=2) + "\n")
-        write_text(out_dir / "scale.md", render(result))
+        save_results(out_dir / "scale", result, render(result))
     return result
 
 

@@ -46,11 +46,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.cli import save_results
 from bench.synthetic import CLASSES, layout, write_model, write_pool
 from noisy_student.augment.batched import BatchAugment
 from noisy_student.augment.policy import build_policy, member_augmentation
 from noisy_student.augment.streams import OwnedRandom
-from noisy_student.core.atomic import write_text
 from noisy_student.core.settings import (
     PARAMS_FILE,
     ModelTraining,
@@ -435,8 +435,7 @@ def run(
     if out_dir is not None:
         suffix = "" if base.augment.backend == "per_image" else f"_{base.augment.backend}"
         stem = out_dir / f"speed_{torch_device.type}{suffix}"
-        write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-        write_text(stem.with_suffix(".md"), render(result))
+        save_results(stem, result, render(result))
     return result
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import os
 import platform
@@ -46,9 +45,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from bench.cli import run_cli
+from bench.cli import run_cli, save_results
 from bench.photos import write_photo_folders
-from noisy_student.core.atomic import write_text
 from noisy_student.core.layout import Layout
 from noisy_student.core.settings import PARAMS_FILE, Settings
 
@@ -186,8 +184,7 @@ def run(
         "pools": results,
     }
     if out_dir is not None:
-        write_text(out_dir / "storage.json", json.dumps(result, indent=2) + "\n")
-        write_text(out_dir / "storage.md", render(result))
+        save_results(out_dir / "storage", result, render(result))
     return result
 
 
