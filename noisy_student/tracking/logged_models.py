@@ -23,8 +23,11 @@ def log_model(nets: list[torch.nn.Module], card: ModelCard) -> None:
 
     import timm
 
+    # contiguous weights: torch.export's archive warns on channels_last ones ("No complete
+    # tensor found in the group"), and whoever loads the model picks its own format
+    contiguous = torch.contiguous_format
     classifier = Classifier(
-        [copy.deepcopy(net).cpu() for net in nets],
+        [copy.deepcopy(net).cpu().to(memory_format=contiguous) for net in nets],
         [m.mean for m in card.members],
         [m.std for m in card.members],
     ).eval()
