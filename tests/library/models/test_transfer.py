@@ -310,8 +310,8 @@ def test_a_moving_average_of_the_weights_is_what_is_validated_and_kept():
 
 
 def whole_and_resumed(recipe, train, val, folder, size=16, on_epoch=None):
-    """The weights of a training from seed 0 run whole, and of the same training killed during
-    its last epoch (its last checkpoint removed) and run again from the one before."""
+    """Train from seed 0 whole, then again as if killed during the last epoch (its checkpoint
+    removed, resumed from the one before); both must end with the same weights, returned."""
     from noisy_student.training.resume import MemberCheckpoint
 
     def run():
